@@ -1,0 +1,349 @@
+"""The run config: one YAML file, typed and validated, plus `a.b=c` overrides from the command line.
+
+Errors name the file and line, the key's dotted path, and for a misspelt key the nearest valid one.
+Tuning, objective and regime sections are the `Config` classes of the modules in their registries,
+picked by their `kind` key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .objectives import OBJECTIVES
+from .regimes import REGIMES
+from .schema import Section
+from .tuning import TUNINGS
+
+
+def _union(registry: dict) -> Any:
+    members = tuple(m.Config for m in registry.values())
+    return Annotated[Union[members], Field(discriminator="kind")] if len(members) > 1 else members[0]
+
+
+TuningConfig = _union(TUNINGS)
+ObjectiveConfig = _union(OBJECTIVES)
+RegimeConfig = _union(REGIMES)
+
+
+class ModelConfig(Section):
+    name: str
+    """The base model: `sample:<name>` (see `tunesmith pull --list`), a local folder, a hub id (online),
+    or `arch:<model_type>` (e.g. `arch:llama`) for an untrained model built from its default config."""
+    config: dict[str, Any] = {}
+    """Overrides applied to the model's config before it is built (e.g. `num_hidden_layers: 2`)."""
+    tokenizer: Optional[str] = None
+    """Where to load the tokenizer from, when not from `name` (required with `arch:` models to train)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the frozen base weights: auto is float32 on CPU and for full fine-tuning, bfloat16 for a
+    frozen base on a GPU that supports it."""
+    trust_remote_code: bool = False
+    """Allow hub models that ship their own Python code (runs that code)."""
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.1, ge=0, lt=1)
+    """Fraction of train carved off as validation when no validation split is given (0: none)."""
+    test: float = Field(0.1, ge=0, lt=1)
+    """Fraction of train carved off as test when no test split is given (0: none)."""
+    seed: Optional[int] = None
+    """Seed of the carving shuffle; defaults to train.seed."""
+
+
+class DataConfig(Section):
+    train: str
+    """Training data: `sample:<name>`, a file (.jsonl .json .csv .tsv .parquet .txt), a folder of split
+    files (train.jsonl, validation.jsonl, test.jsonl), or a Hugging Face datasets folder."""
+    validation: Optional[str] = None
+    """Validation data; null: the folder's own validation split, else carved from train."""
+    test: Optional[str] = None
+    """Test data; null: the folder's own test split, else carved from train."""
+    columns: dict[str, str] = {}
+    """Map expected column names to the names in your data, e.g. `{text: review, label: stars}`."""
+    split: SplitConfig = SplitConfig()
+    """How missing validation/test splits are carved from train."""
+    max_length: int = Field(256, ge=8)
+    """Tokens per example; longer examples are truncated (the data card counts them)."""
+    max_rows: dict[Literal["train", "validation", "test"], int] = {}
+    """Use at most this many rows of a split, e.g. `{train: 2000}` for a quick run."""
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = True
+    """Stop when the validation metric stops improving (needs a validation split)."""
+    metric: Optional[str] = None
+    """Validation metric to watch; default: the objective's main metric (e.g. accuracy, loss)."""
+    patience: int = Field(3, ge=1)
+    """Evaluations without improvement before stopping."""
+    min_delta: float = Field(0.0, ge=0)
+    """Smallest change that counts as an improvement."""
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0)
+    """Passes over the training data (fractions allowed)."""
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per micro-batch on each process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the effective batch is batch_size x grad_accum x processes."""
+    lr: float = Field(2e-5, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup: float = Field(0.06, ge=0)
+    """Warmup length: a fraction of all steps if < 1, else a number of steps."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    """Clip the gradient norm to this value (null: no clipping)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision: auto is fp32 on CPU (no bf16 hardware there) and bf16 on GPUs that support it."""
+    seed: int = 0
+    """One seed for data order, initialisation and dropout; a CPU run with the same seed repeats exactly."""
+    group_by_length: bool = True
+    """Batch examples of similar length together to cut padding (order is still shuffled)."""
+    eval_every: Union[int, Literal["epoch"]] = "epoch"
+    """Evaluate on validation every N optimizer steps, or at the end of each epoch."""
+    save_every: Optional[int] = Field(None, ge=1)
+    """Checkpoint every N steps for --resume (default: at every evaluation)."""
+    log_every: int = Field(10, ge=1)
+    """Write a line to metrics.jsonl every N optimizer steps."""
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    """Batch size for evaluation (default: 2 x batch_size)."""
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    """Early stopping on a validation metric, restoring the best checkpoint at the end."""
+
+
+class EvalConfig(Section):
+    metrics: Optional[list[str]] = None
+    """Metrics to report (default: all the objective offers)."""
+    compare_base: bool = True
+    """Also score the starting model on the test split, so every run reports base vs tuned."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    """Parent folder of run folders; a run is written to <dir>/<name>."""
+
+
+class RunConfig(Section):
+    name: str
+    """Run name; the run folder is <output.dir>/<name>. Defaults to the config file's name."""
+    model: ModelConfig
+    """The base model to fine-tune."""
+    data: DataConfig
+    """Where the data comes from and how it is split and truncated."""
+    tuning: TuningConfig = Field(default_factory=lambda: TUNINGS["lora"].Config())
+    """Which parameters train (`kind`: full, freeze, lora)."""
+    objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
+    """What is optimised (`kind`: classify, clm)."""
+    regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
+    """How tasks are scheduled (`kind`: single)."""
+    train: TrainConfig = TrainConfig()
+    """The training loop."""
+    eval: EvalConfig = EvalConfig()
+    """What is measured after training."""
+    output: OutputConfig = OutputConfig()
+    """Where the run folder goes."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("tuning", "objective", "regime", mode="before")
+    @classmethod
+    def _kind_shorthand(cls, v):
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_combination(self):
+        objective = OBJECTIVES[self.objective.kind]
+        metric = self.train.early_stopping.metric
+        if metric is not None and metric not in objective.METRICS:
+            raise ValueError(f"train.early_stopping.metric: {metric!r} is not a metric of objective "
+                             f"{self.objective.kind!r} (choose from {', '.join(objective.METRICS)})")
+        for m in self.eval.metrics or []:
+            if m not in objective.METRICS:
+                raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
+                                 f"(choose from {', '.join(objective.METRICS)})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers -> overrides -> key check with suggestions -> pydantic.
+
+
+class _Source:
+    """Where each key of the raw config came from, for error messages."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lines: dict[tuple, int] = {}
+        self.overrides: dict[tuple, str] = {}
+
+    def where(self, loc: tuple) -> str:
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.overrides:
+                return f"override {self.overrides[loc[:n]]!r} ({dotted})"
+            if loc[:n] in self.lines:
+                return f"{self.path}:{self.lines[loc[:n]]} ({dotted})"
+        return f"{self.path} ({dotted})"
+
+
+def _to_python(node, src: _Source, loc: tuple = ()):
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in out:
+                raise ConfigError(f"key {key!r} appears twice", where=f"{src.path}:{key_node.start_mark.line + 1}")
+            src.lines[loc + (key,)] = key_node.start_mark.line + 1
+            out[key] = _to_python(value_node, src, loc + (key,))
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v, src, loc + (i,)) for i, v in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def read_yaml(path: str | Path) -> tuple[dict, _Source]:
+    path = Path(path)
+    src = _Source(str(path))
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", where=where) from None
+    data = _to_python(node, src) if node is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a mapping of keys to values", where=str(path))
+    return data, src
+
+
+def apply_override(data: dict, text: str, src: _Source) -> None:
+    """Set `a.b.c=value` in the raw config; the value is parsed as YAML (`lr=1e-4`, `targets=[q,v]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, _, raw = text.partition("=")
+    parts = tuple(key.strip().split("."))
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part in ("model", "tuning", "objective", "regime"):
+            # expand a shorthand (`tuning: lora`) so a nested override can land in it
+            child = {"name": child} if part == "model" else {"kind": child}
+            node[part] = child
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+    src.overrides[parts] = text
+
+
+def _unwrap(annotation):
+    """The BaseModel classes an annotation allows (through Optional, Annotated, Union)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+        out = []
+        for arg in typing.get_args(annotation):
+            out += _unwrap(arg)
+        return out
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def check_keys(data: dict, model: type[BaseModel], src: _Source, loc: tuple = ()) -> None:
+    """Unknown keys and unknown `kind`s, reported with the nearest valid name."""
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean {'.'.join(map(str, loc + (close[0],)))!r}?" if close else None
+            valid = ", ".join(fields)
+            raise ConfigError(f"unknown key {key!r}; valid keys here: {valid}", where=src.where(loc + (key,)),
+                              hint=hint)
+        classes = _unwrap(fields[key].annotation)
+        if not classes or not isinstance(value, (dict, str)):
+            continue
+        if len(classes) > 1:  # a registry union: pick the member by its kind
+            kinds = {c.model_fields["kind"].default: c for c in classes}
+            kind = value.get("kind") if isinstance(value, dict) else value
+            if kind not in kinds:
+                close = difflib.get_close_matches(str(kind), list(kinds), n=1)
+                raise ConfigError(
+                    f"{kind!r} is not a known {key} kind; choose from {', '.join(kinds)}",
+                    where=src.where(loc + (key, "kind") if isinstance(value, dict) else loc + (key,)),
+                    hint=f"did you mean {close[0]!r}?" if close else None,
+                )
+            classes = [kinds[kind]]
+        if isinstance(value, dict):
+            check_keys(value, classes[0], src, loc + (key,))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return (text[:60] + "...") if len(text) > 63 else text
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; every failure is a ConfigError naming its place."""
+    data, src = read_yaml(path)
+    for text in overrides:
+        apply_override(data, text, src)
+    data.setdefault("name", Path(path).stem)
+    check_keys(data, RunConfig, src)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = _data_loc(data, err["loc"])
+        msg = err["msg"]
+        if err["type"] == "missing":
+            raise ConfigError(f"required key {'.'.join(map(str, loc))!r} is missing",
+                              where=src.where(loc[:-1])) from None
+        if err["type"] == "value_error":  # raised by our own validators: message carries the key
+            raise ConfigError(msg.removeprefix("Value error, "), where=src.path) from None
+        raise ConfigError(f"{msg}; got {_describe(err.get('input'))}", where=src.where(loc)) from None
+
+
+def _data_loc(data: Any, loc: tuple) -> tuple:
+    """Drop the union-member tags pydantic puts into error locations, keeping real keys."""
+    out, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part == node.get("kind"):
+            continue
+        elif isinstance(part, str) and not part.startswith(("function-", "union[", "list[")):
+            out.append(part)
+            node = None
+    return tuple(out)
+
+
+def dump(cfg: RunConfig) -> str:
+    """The resolved config as YAML, every default filled in (saved with each run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
