@@ -1,0 +1,1 @@
+"""Data: read sources into splits, check them, tokenize, collate."""

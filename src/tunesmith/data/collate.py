@@ -1,0 +1,31 @@
+"""Turn a list of tokenized examples into one padded batch (dynamic padding: to the longest in the batch)."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label value that cross-entropy skips (padding, prompt tokens)."""
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad every sequence field; `attention_mask` marks the real tokens.
+
+    Sequence fields pad with: input_ids -> pad_id, labels -> IGNORE_INDEX, anything else -> 0.
+    Scalar fields (a class label, a score) become one tensor.
+    """
+    batch: dict[str, torch.Tensor] = {}
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        if isinstance(values[0], (list, tuple)):
+            pad = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+            width = max(len(v) for v in values)
+            batch[key] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values], dtype=torch.long)
+        else:
+            batch[key] = torch.tensor(values)
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(ex["input_ids"]) + [0] * (longest - len(ex["input_ids"])) for ex in examples], dtype=torch.long
+        )
+    return batch

@@ -1,0 +1,1 @@
+"""Models: find and load base models and tokenizers, packaged samples, structure helpers."""

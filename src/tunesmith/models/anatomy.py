@@ -1,0 +1,58 @@
+"""Find the parts of a transformers model by structure, not by architecture name.
+
+Tuning methods need "the transformer blocks" and "the task head" for any architecture; looking
+them up structurally keeps a per-architecture table out of the code.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of transformer blocks: the ModuleList of same-typed modules holding the most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 1:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size and (best is None or size > best[0]):
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(f"no stack of transformer blocks found in {type(model).__name__}")
+    return best[1], best[2]
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the task head: everything outside the pretrained body (`base_model_prefix`).
+
+    Tied weights (an LM head sharing the embedding matrix) are returned once, as the shared tensor.
+    """
+    inner = _unwrap(model)
+    prefix = getattr(inner, "base_model_prefix", "")
+    body = getattr(inner, prefix, None) if prefix else None
+    if body is None or body is inner:
+        return []
+    body_ids = {id(p) for p in body.parameters()}
+    head, seen = [], set()
+    for name, p in inner.named_parameters(remove_duplicate=False):
+        if name.startswith(prefix + "."):
+            continue
+        if id(p) not in seen:
+            seen.add(id(p))
+            head.append(p)
+    # A head tied to the input embeddings is still the head: keep it even though the body owns it.
+    return [p for p in head if id(p) not in body_ids or _is_tied_output(inner, p)]
+
+
+def _is_tied_output(model: nn.Module, p: nn.Parameter) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and getattr(out, "weight", None) is p
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper, if any."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
