@@ -1,0 +1,8 @@
+"""What is optimised. One module per objective; see `common.py` for what each module provides."""
+
+from . import classify, clm
+
+OBJECTIVES = {
+    "classify": classify,
+    "clm": clm,
+}

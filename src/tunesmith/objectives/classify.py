@@ -1,0 +1,137 @@
+"""Sequence classification (sentiment, spam, topic, ...): cross-entropy on a classifier head.
+
+Data: the `label` format, columns `text` and `label` (and optionally `text_pair`). Labels may be
+strings or integers; their order is `objective.labels` if given, else sorted as seen in train.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..evaluate.metrics import accuracy, macro_f1
+from ..schema import Section
+from .common import Loss, Prepared
+
+HEAD = "sequence-classification"
+METRICS = ("accuracy", "macro_f1", "loss")
+MAIN_METRIC, MAIN_MODE = "accuracy", "max"
+
+
+class Config(Section):
+    kind: Literal["classify"] = "classify"
+    """Classify each text into one of a fixed set of labels."""
+    labels: Optional[list[str]] = None
+    """Label names in class-index order; default: the labels seen in train, sorted."""
+
+
+def _label_names(splits, cfg: Config) -> list[str]:
+    if cfg.labels:
+        return list(cfg.labels)
+    seen = {row["label"] for row in splits["train"].rows}
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in seen):
+        return [str(v) for v in sorted(seen)]
+    return sorted(str(v) for v in seen)
+
+
+def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
+    from ..data.tokenize import length_stats, tokenize_texts
+
+    labels = _label_names(splits, cfg)
+    index = {name: i for i, name in enumerate(labels)}
+    examples, card = {}, {"labels": labels}
+    for name, part in splits.items():
+        for i, row in enumerate(part.rows):
+            for col in ("text", "label"):
+                if row.get(col) is None:
+                    raise DataError(
+                        f"row has no {col!r} column; columns found: {', '.join(row)}",
+                        where=part.where(i),
+                        hint=f"map your column with data.columns.{col}: <your column name>",
+                    )
+            if str(row["label"]) not in index:
+                source = "objective.labels" if cfg.labels else "train"
+                raise DataError(
+                    f"label {row['label']!r} in {name} was not seen in {source} (labels: {', '.join(labels)})",
+                    where=part.where(i),
+                    hint="a model cannot learn a label it never sees in training; fix the data or the split",
+                )
+        texts = [str(r["text"]) for r in part.rows]
+        pairs = [str(r.get("text_pair", "")) for r in part.rows] if "text_pair" in part.rows[0] else None
+        ids, truncated = tokenize_texts(tokenizer, texts, data.max_length, pairs)
+        targets = [index[str(r["label"])] for r in part.rows]
+        examples[name] = [{"input_ids": x, "labels": y} for x, y in zip(ids, targets)]
+        card[name] = {
+            "rows": len(ids),
+            "truncated": truncated,
+            "tokens": length_stats([len(x) for x in ids]),
+            "label_balance": {labels[k]: v for k, v in sorted(Counter(targets).items())},
+        }
+    model_kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                    "label2id": dict(index)}
+    return Prepared(examples, model_kwargs, card)
+
+
+def _logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def loss(model, batch, cfg: Config) -> Loss:
+    logits = _logits(model, batch)
+    total = F.cross_entropy(logits, batch["labels"], reduction="sum")
+    return Loss(total, batch["labels"].numel())
+
+
+def eval_step(model, batch, cfg: Config) -> dict[str, list]:
+    logits = _logits(model, batch)
+    losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+    return {"pred": logits.argmax(-1).tolist(), "label": batch["labels"].tolist(), "loss": losses.tolist()}
+
+
+def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
+    return {
+        "accuracy": accuracy(outputs["pred"], outputs["label"]),
+        "macro_f1": macro_f1(outputs["pred"], outputs["label"]),
+        "loss": sum(outputs["loss"]) / max(1, len(outputs["loss"])),
+    }
+
+
+@torch.no_grad()
+def predict(model, tokenizer, texts: list[str], data) -> list[dict]:
+    """Label and class probabilities for each text."""
+    from ..data.tokenize import tokenize_texts
+
+    ids, _ = tokenize_texts(tokenizer, texts, data.max_length)
+    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    device = next(model.parameters()).device
+    logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+    probs = logits.float().softmax(-1).cpu()
+    id2label = _id2label(model)
+    out = []
+    for row in probs:
+        scores = {id2label[i]: round(float(p), 4) for i, p in enumerate(row)}
+        out.append({"label": id2label[int(row.argmax())], "scores": scores})
+    return out
+
+
+def configure_from_model(cfg: Config, model) -> Config:
+    """Fix the label order to the trained model's, so new data is scored against the same classes."""
+    id2label = _id2label(model)
+    return cfg.model_copy(update={"labels": [id2label[i] for i in range(len(id2label))]})
+
+
+def plan_kwargs(cfg: Config) -> dict:
+    """Head arguments for planning without reading data: only known if labels are listed."""
+    if not cfg.labels:
+        return {}
+    return {"num_labels": len(cfg.labels), "id2label": dict(enumerate(cfg.labels)),
+            "label2id": {k: i for i, k in enumerate(cfg.labels)}}
+
+
+def _id2label(model) -> dict[int, str]:
+    # JSON round trips turn the integer keys into strings
+    return {int(k): v for k, v in model.config.id2label.items()}

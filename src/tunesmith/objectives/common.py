@@ -1,0 +1,41 @@
+"""The small types every objective shares.
+
+An objective module provides, next to its `Config`:
+  HEAD          which model head it trains (`sequence-classification`, `causal-lm`, `masked-lm`)
+  METRICS       the metrics it reports; MAIN_METRIC and MAIN_MODE (max/min) for early stopping
+  prepare(splits, tokenizer, cfg, data_cfg) -> Prepared
+  loss(model, batch, cfg) -> Loss
+  eval_step(model, batch, cfg) -> dict of per-example lists, merged over batches and processes
+  metrics(outputs, cfg) -> dict of floats
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Prepared:
+    """Tokenized examples per split, plus what the model needs to be built for them."""
+
+    examples: dict[str, list[dict]]
+    """Per split: dicts of token ids and targets, ready for `collate`."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments for building the model (e.g. num_labels, id2label)."""
+    card: dict[str, Any] = field(default_factory=dict)
+    """Facts for the data card (label balance, truncation counts, ...)."""
+
+
+@dataclass
+class Loss:
+    """A summed loss and what it was summed over, so accumulation can weight micro-batches exactly."""
+
+    total: torch.Tensor
+    """Sum of per-unit losses (units: examples, or target tokens for sequence objectives)."""
+    count: torch.Tensor | int
+    """Number of units in `total`."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Extra training metrics to log (already averaged over this micro-batch)."""

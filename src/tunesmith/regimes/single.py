@@ -1,0 +1,12 @@
+"""The default regime: one task, one dataset, one training run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..schema import Section
+
+
+class Config(Section):
+    kind: Literal["single"] = "single"
+    """Train on one task's data."""

@@ -1,0 +1,58 @@
+"""Transfer learning by freezing: train only the task head, or the last k blocks plus the head.
+
+The cheapest way to adapt a pretrained encoder to a new label set; the frozen body keeps its
+general features, so forgetting is limited to the blocks that train.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field
+
+from ..schema import Section
+
+
+class Config(Section):
+    kind: Literal["freeze"] = "freeze"
+    """Freeze the pretrained body; train the head and optionally the last blocks."""
+    train_last: int = Field(0, ge=0)
+    """How many of the last transformer blocks train (0: the head alone)."""
+    train_head: bool = True
+    """Train the task head (the new classifier, or the LM head). Turn off only with train_last > 0."""
+    also_train: list[str] = []
+    """Regular expressions; parameters whose names match also train (e.g. `pooler`, `norm`)."""
+
+
+def apply(model, cfg: Config, head: str):
+    from ..models.anatomy import blocks, head_parameters
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    named = dict(model.named_parameters())
+    if cfg.train_last:
+        prefix, layers = blocks(model)
+        if cfg.train_last > len(layers):
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"train_last={cfg.train_last} but the model has only {len(layers)} blocks",
+                where="tuning.train_last",
+                hint=f"use a value from 0 to {len(layers)}",
+            )
+        for i in range(len(layers) - cfg.train_last, len(layers)):
+            for p in layers[i].parameters():
+                p.requires_grad_(True)
+    if cfg.train_head:
+        for p in head_parameters(model):
+            p.requires_grad_(True)
+    patterns = [re.compile(p) for p in cfg.also_train]
+    for name, p in named.items():
+        if any(pat.search(name) for pat in patterns):
+            p.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        from ..errors import ConfigError
+
+        raise ConfigError("nothing would train", where="tuning", hint="set train_head: true or train_last > 0")
+    return model

@@ -1,0 +1,29 @@
+"""Full fine-tuning: every parameter of the model trains.
+
+The strongest and most memory-hungry choice: gradients and AdamW state for every weight
+(about 16 bytes per parameter in fp32 on top of the weights).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..schema import Section
+
+
+class Config(Section):
+    kind: Literal["full"] = "full"
+    """Train every parameter of the model."""
+    freeze_embeddings: bool = False
+    """Keep the input embeddings frozen (saves memory on large vocabularies; the head still trains)."""
+
+
+def apply(model, cfg: Config, head: str):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        emb = model.get_input_embeddings()
+        # Tied output heads share this tensor; freezing it freezes them too, which is the point.
+        for p in emb.parameters():
+            p.requires_grad_(False)
+    return model
