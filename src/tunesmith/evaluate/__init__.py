@@ -1,0 +1,1 @@
+"""Evaluation: task metrics and scoring a model on a split."""
