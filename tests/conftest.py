@@ -1,0 +1,45 @@
+"""Shared fixtures: offline hub, an isolated run folder, tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# No model hub is reachable in CI: make hub lookups fail at once instead of retrying for ~47 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Pulled samples are shared between test sessions (the integration tests download them once).
+os.environ.setdefault("TUNESMITH_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "tunesmith"))
+
+from tiny import make_model_dir, sentiment_rows, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def sentiment_dir(tmp_path_factory) -> Path:
+    """A folder of train/validation/test jsonl files with the tiny sentiment task."""
+    root = tmp_path_factory.mktemp("data") / "sentiment"
+    write_jsonl(root / "train.jsonl", sentiment_rows(192, seed=1))
+    write_jsonl(root / "validation.jsonl", sentiment_rows(48, seed=2))
+    write_jsonl(root / "test.jsonl", sentiment_rows(48, seed=3))
+    return root
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in an empty folder, so runs/ lands there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

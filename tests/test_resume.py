@@ -1,0 +1,67 @@
+"""A run killed with SIGKILL after a checkpoint and continued with --resume ends exactly where an
+uninterrupted run ends: same weights, same metrics, same log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+
+from tiny import classify_config
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from tunesmith.train import checkpoint
+    real_save = checkpoint.save
+    def save_then_die(folder, model, optimizer, scheduler, state):
+        real_save(folder, model, optimizer, scheduler, state)
+        if state["step"] >= int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save = save_then_die
+    from tunesmith.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def cli(args, cwd, env=None, script=None):
+    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunesmith"]
+    return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(in_tmp, tiny_bert, sentiment_dir):
+    extra = "train: {epochs: 4, batch_size: 8, grad_accum: 2, lr: 3.0e-3, eval_every: 6, log_every: 2}\n"
+    cfg = classify_config(in_tmp / "c.yaml", tiny_bert, sentiment_dir, "{kind: full}")
+    cfg.write_text(cfg.read_text().replace(cfg.read_text().split("\n")[5] + "\n", extra))
+
+    whole = cli(["train", str(cfg), "name=whole"], in_tmp)
+    assert whole.returncode == 0, whole.stderr
+
+    killed = cli(["train", str(cfg), "name=killed"], in_tmp, {"KILL_AT_STEP": "18"}, KILLER)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = in_tmp / "runs" / "killed"
+    assert not (run / "summary.json").exists()
+    assert json.loads((run / "checkpoints" / "last" / "state.json").read_text())["step"] == 18
+
+    resumed = cli(["train", str(cfg), "name=killed", "--resume"], in_tmp)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 18" in resumed.stdout
+
+    a, b = in_tmp / "runs" / "whole", in_tmp / "runs" / "killed"
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert sa["test"] == sb["test"] and sa["validation"] == sb["validation"] and sa["base"] == sb["base"]
+    assert sa["train"]["steps"] == sb["train"]["steps"] and sa["train"]["best_step"] == sb["train"]["best_step"]
+
+    def log(run):
+        lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in l.items() if k != "examples_per_s"} for l in lines]
+
+    assert log(a) == log(b)

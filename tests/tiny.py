@@ -1,0 +1,108 @@
+"""Tiny random models, tokenizers and datasets built in-process, so tests never need a download.
+
+`make_model_dir(path, "bert")` writes a 2-layer BERT (hidden 32) with a word-level tokenizer;
+`"llama"` writes a 2-layer Llama with a chat template. Both load through the same code path as a
+real local model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+POSITIVE = "good great fine superb lovely brilliant moving fun charming smart".split()
+NEGATIVE = "bad awful dull boring weak poor messy flat tedious silly".split()
+FILLER = ("the a movie film story plot actor scene it is was and but very quite this that of to with "
+          "for an its by on as at from one two three four five six seven eight nine ten").split()
+WORDS = sorted(set(POSITIVE + NEGATIVE + FILLER))
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+LLAMA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(kind: str = "bert"):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = BERT_SPECIALS if kind == "bert" else LLAMA_SPECIALS
+    extra = ["user", "assistant", "system", "\n", ":", "?", ".", ","]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS + extra)}
+    unk = "[UNK]" if kind == "bert" else "<unk>"
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>", "</s>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model_dir(path: Path, kind: str = "bert", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model and its tokenizer to `path` (a base model, no task head)."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(kind)
+    n = len(tokenizer)
+    if kind == "bert":
+        config = BertConfig(vocab_size=n, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=128, pad_token_id=0, **overrides)
+        model = AutoModel.from_config(config)
+    else:
+        config = LlamaConfig(vocab_size=n, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, **overrides)
+        model = AutoModelForCausalLM.from_config(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """Short texts whose label is set by one sentiment word among filler: learnable in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(FILLER, rng.randint(3, 9))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def classify_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: full}", extra: str = "") -> Path:
+    """A small classification run config: the tiny task learns in about 60 steps at this lr."""
+    text = f"""\
+name: tiny
+model: {model}
+data: {{train: {data}, max_length: 32}}
+tuning: {tuning}
+objective: {{kind: classify}}
+train: {{epochs: 5, batch_size: 16, lr: 3.0e-3, eval_every: 12, log_every: 4, seed: 0}}
+{extra}"""
+    return write_config(path, text)
