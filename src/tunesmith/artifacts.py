@@ -44,11 +44,9 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / SUMMARY).exists()
 
 
-def open_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Decide what to do with an existing folder before anything is written."""
+def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to clobber an existing run unless told how (only reads; nothing is written)."""
     if not run_dir.exists() or force:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
         return
     if is_finished(run_dir):
         raise TunesmithError(f"{run_dir} already holds a finished run",
@@ -57,6 +55,11 @@ def open_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
         state = read_json(run_dir / STATUS).get("state", "?") if (run_dir / STATUS).exists() else "unknown"
         raise TunesmithError(f"{run_dir} holds an unfinished run (status: {state})",
                              hint="pass --resume to continue from its last checkpoint, or --force to start over")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
 
 
 def set_status(run_dir: Path, state: str, **extra) -> None:

@@ -73,40 +73,51 @@ def print_comparison(base: dict | None, tuned: dict) -> None:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
+    """Run the whole flow. Under torchrun / accelerate launch every process runs this function;
+    only the main process writes to the run folder and prints."""
     started = time.perf_counter()
     objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
     run_dir = Path(cfg.output.dir) / cfg.name
+    mode, dtype = precision_and_dtype(cfg)
+    # cpu=True is what lets accelerate run several processes (gloo) on a machine without a GPU.
+    accelerator = Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
 
     # 1. Everything checkable before the run folder exists: config, data, tokenizer, labels.
-    artifacts.open_run_dir(run_dir, resume=resume, force=force)
+    #    Every process checks, so a bad input stops them all the same way.
+    artifacts.check_run_dir(run_dir, resume=resume, force=force)
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg, tokenizer)
-    print_card(prepared.card)
+    if main:
+        print_card(prepared.card)
 
     # 2. The run folder, marked as running until summary.json is written.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.set_status(run_dir, "running")
+    if main:
+        if force:
+            artifacts.clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.set_status(run_dir, "running")
+        (run_dir / artifacts.CONFIG).write_text(dump(cfg), encoding="utf-8")
+        artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, prepared.model_kwargs))
+        artifacts.write_json(run_dir / "data_card.json", prepared.card)
+    accelerator.wait_for_everyone()
     try:
-        summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, resume, started)
+        summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, resume, started, accelerator, dtype)
     except BaseException as e:
-        artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        if main:
+            artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
     return summary
 
 
 def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, resume: bool,
-              started: float) -> dict:
-    (run_dir / artifacts.CONFIG).write_text(dump(cfg), encoding="utf-8")
-    artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, prepared.model_kwargs))
-    artifacts.write_json(run_dir / "data_card.json", prepared.card)
-
-    mode, dtype = precision_and_dtype(cfg)
-    accelerator = Accelerator(mixed_precision=mode)
+              started: float, accelerator, dtype: torch.dtype) -> dict:
+    say = accelerator.print
     set_seed(cfg.train.seed)
     model = load_model(cfg.model, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
     model = tuning.apply(model, cfg.tuning, objective.HEAD)
     trainable, total = count_parameters(model)
-    print(format_parameters(trainable, total))
+    say(format_parameters(trainable, total))
     model.to(accelerator.device)
 
     pad_id = tokenizer.pad_token_id
@@ -119,8 +130,9 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
             base = artifacts.read_json(base_file)
         else:
             base = evaluate(model, objective, cfg.objective, test, eval_bs, pad_id, accelerator, "base test")
-            artifacts.write_json(base_file, base)
-        print("base test " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+            if accelerator.is_main_process:
+                artifacts.write_json(base_file, base)
+        say("base test " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
 
     trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
                   train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),

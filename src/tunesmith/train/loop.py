@@ -108,7 +108,8 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
     state = LoopState()
     if resume and (found := checkpoint.find(ckpt_dir)) is not None:
         state = LoopState(**checkpoint.load(found, accelerator.unwrap_model(model), optimizer, scheduler))
-        log.truncate_after(state.step)
+        if accelerator.is_main_process:
+            log.truncate_after(state.step)
         accelerator.print(f"resuming from step {state.step} (epoch {state.epoch})")
     elif resume:
         accelerator.print("no checkpoint found; starting from the beginning")
@@ -206,6 +207,7 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
     progress.close()
 
     restored = False
+    accelerator.wait_for_everyone()  # the main process may still be writing the best weights
     if use_val and es.enabled and state.best_step is not None and state.best_step != state.step:
         restored = checkpoint.restore_best(ckpt_dir, accelerator.unwrap_model(model))
         if restored:
