@@ -1,0 +1,213 @@
+"""Row formats for generative data: detect a row's format and turn it into a conversation.
+
+Every format documented in docs/formats.md (with an example row each) is read here, and only here:
+
+  text               {"text"}                                  plain text, trained on whole
+  prompt_completion  {"prompt", "completion"}                  strings, or lists of messages
+  alpaca             {"instruction", "input"?, "output", "system"?, "history"?}
+  sharegpt           {"conversations": [{"from", "value"}], "system"?}
+  messages           {"messages": [{"role", "content"}]}      OpenAI style, system allowed
+  preference         {"prompt", "chosen", "rejected"}          (for preference objectives)
+  sharegpt_preference {"conversations", "chosen": {"from", "value"}, "rejected": {...}}
+
+A conversation is a list of `{"role": "system" | "user" | "assistant", "content": str}`; templates
+(data/templates.py) render conversations, never raw rows, so every format trains and generates the
+same way.
+"""
+
+from __future__ import annotations
+
+from ..errors import DataError
+
+Conversation = list[dict]
+
+# Keys that identify each format, checked in this order (the first whose keys are all present wins).
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt_preference": ("conversations", "chosen", "rejected"),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+SFT_FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
+PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
+# Alpaca-style data often spells "no input" out instead of leaving the field empty.
+EMPTY_INPUTS = {"", "no input", "<noinput>", "none", "n/a"}
+
+
+class FormatError(ValueError):
+    """A row does not fit a format; the message says why (turned into a DataError with the row's place)."""
+
+
+def detect(row: dict) -> str | None:
+    """The format whose identifying keys the row has, or None."""
+    for name, keys in SIGNATURES.items():
+        if all(k in row for k in keys):
+            return name
+    return None
+
+
+def describe(formats=SIGNATURES) -> str:
+    return "; ".join(f"{name} ({', '.join(SIGNATURES[name])})" for name in formats)
+
+
+def row_error(part, i: int, fmt: str | None, why: str = "", allowed=SFT_FORMATS) -> DataError:
+    """The error for row `i` of a split: its index, its place in the file, the keys it had."""
+    row = part.rows[i]
+    keys = ", ".join(map(str, row)) or "none"
+    if fmt is None or detect(row) is None:
+        head = f"row {i} fits no format" + (f" (expected {fmt}: {why})" if fmt else "")
+    else:
+        head = f"row {i} does not fit the {fmt} format: {why}"
+    return DataError(f"{head}; its keys: {keys}", where=part.where(i),
+                     hint=f"formats: {describe(allowed)}; rename columns with data.columns or set data.format")
+
+
+def split_format(part, wanted: str, allowed=SFT_FORMATS) -> str:
+    """The format of a split: `wanted` unless auto, else detected from its first row."""
+    if wanted != "auto":
+        return wanted
+    fmt = detect(part.rows[0])
+    if fmt is None:
+        raise row_error(part, 0, None, allowed=allowed)
+    if fmt not in allowed:
+        raise DataError(f"the rows are in the {fmt} format, which this objective does not train on "
+                        f"(it reads: {', '.join(allowed)})", where=part.where(0),
+                        hint="preference rows are for preference objectives; map a response column with "
+                             "data.columns (e.g. {completion: chosen}) to fine-tune on it")
+    return fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> conversations
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise FormatError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _message(m, i: int) -> dict:
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise FormatError(f"message {i} needs 'role' and 'content'")
+    if m["role"] not in ROLES:
+        raise FormatError(f"message {i} has role {m['role']!r}; roles: {', '.join(ROLES)}")
+    return {"role": m["role"], "content": _text(m["content"], f"message {i} content")}
+
+
+def _messages(value, what: str) -> Conversation:
+    if not isinstance(value, list) or not value:
+        raise FormatError(f"{what} must be a non-empty list of messages")
+    return [_message(m, i) for i, m in enumerate(value)]
+
+
+def _sharegpt_turn(t, i: int) -> dict:
+    if not isinstance(t, dict) or "from" not in t or "value" not in t:
+        raise FormatError(f"turn {i} needs 'from' and 'value'")
+    role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+    if role is None:
+        raise FormatError(f"turn {i} is from {t['from']!r}; supported: {', '.join(SHAREGPT_ROLES)}")
+    return {"role": role, "content": _text(t["value"], f"turn {i} value")}
+
+
+def _with_system(row: dict, conv: Conversation) -> Conversation:
+    system = row.get("system")
+    if system and conv[0]["role"] != "system":
+        return [{"role": "system", "content": _text(system, "system")}] + conv
+    return conv
+
+
+def _prompt_messages(prompt) -> Conversation:
+    """A prompt is a string (one user turn) or a list of messages (trl's conversational format)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
+
+
+def _response(value, what: str) -> Conversation:
+    """A response is a string, one message, or a list of messages ending with the assistant."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        return [_sharegpt_turn(value, 0) if "from" in value else _message(value, 0)]
+    return _messages(value, what)
+
+
+def _alpaca(row: dict) -> Conversation:
+    instruction = _text(row["instruction"], "instruction")
+    extra = row.get("input")
+    user = instruction if extra is None or str(extra).strip().lower() in EMPTY_INPUTS \
+        else f"{instruction}\n\n{_text(extra, 'input')}"
+    conv = []
+    for j, pair in enumerate(row.get("history") or []):  # earlier turns, as [question, answer] pairs
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise FormatError(f"history item {j} must be a [question, answer] pair")
+        conv += [{"role": "user", "content": _text(pair[0], "history question")},
+                 {"role": "assistant", "content": _text(pair[1], "history answer")}]
+    conv += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row["output"], "output")}]
+    return _with_system(row, conv)
+
+
+def to_conversation(row: dict, fmt: str) -> Conversation | str:
+    """The row as a conversation, or as a string for the `text` format. Raises FormatError."""
+    missing = [k for k in SIGNATURES[fmt] if k not in row]
+    if missing:
+        raise FormatError(f"missing {', '.join(missing)}")
+    if fmt == "text":
+        return _text(row["text"], "text")
+    if fmt == "prompt_completion":
+        conv = _prompt_messages(row["prompt"]) + _response(row["completion"], "completion")
+    elif fmt == "alpaca":
+        return _alpaca(row)
+    elif fmt == "sharegpt":
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise FormatError("conversations must be a non-empty list of turns")
+        conv = [_sharegpt_turn(t, i) for i, t in enumerate(turns)]
+    elif fmt == "messages":
+        conv = _messages(row["messages"], "messages")
+    else:
+        raise FormatError(f"{fmt} rows hold preferences, not one conversation")
+    conv = _with_system(row, conv)
+    if conv[-1]["role"] != "assistant":
+        raise FormatError("the conversation must end with an assistant turn (the response to learn)")
+    return conv
+
+
+def to_preference(row: dict, fmt: str) -> tuple[Conversation, str, str]:
+    """(prompt conversation, chosen response, rejected response) of a preference row. Raises FormatError."""
+    missing = [k for k in SIGNATURES[fmt] if k not in row]
+    if missing:
+        raise FormatError(f"missing {', '.join(missing)}")
+    if fmt == "preference":
+        prompt = _prompt_messages(row["prompt"])
+    elif fmt == "sharegpt_preference":
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise FormatError("conversations must be a non-empty list of turns")
+        prompt = [_sharegpt_turn(t, i) for i, t in enumerate(turns)]
+    else:
+        raise FormatError(f"{fmt} rows hold one conversation, not a preference pair")
+    answers = []
+    for key in ("chosen", "rejected"):
+        response = _response(row[key], key)
+        if len(response) != 1 or response[0]["role"] != "assistant":
+            raise FormatError(f"{key} must be one assistant response")
+        answers.append(response[0]["content"])
+    return _with_system(row, prompt), answers[0], answers[1]
+
+
+def conversations(part, fmt: str) -> list[Conversation | str]:
+    """Every row of a split as a conversation (or text), each failure reported with its row."""
+    out = []
+    for i, row in enumerate(part.rows):
+        try:
+            out.append(to_conversation(row, fmt))
+        except FormatError as e:
+            raise row_error(part, i, fmt, str(e)) from None
+    return out
