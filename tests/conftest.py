@@ -43,3 +43,15 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in an empty folder, so runs/ lands there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def instruction_dir(tmp_path_factory) -> Path:
+    """A folder of train/validation/test jsonl files with the tiny instruction task (alpaca format)."""
+    from tiny import instruction_rows
+
+    root = tmp_path_factory.mktemp("data") / "instructions"
+    write_jsonl(root / "train.jsonl", instruction_rows(128, seed=1))
+    write_jsonl(root / "validation.jsonl", instruction_rows(16, seed=2))
+    write_jsonl(root / "test.jsonl", instruction_rows(16, seed=3))
+    return root

@@ -30,7 +30,8 @@ def make_tokenizer(kind: str = "bert"):
     from transformers import PreTrainedTokenizerFast
 
     specials = BERT_SPECIALS if kind == "bert" else LLAMA_SPECIALS
-    extra = ["user", "assistant", "system", "\n", ":", "?", ".", ","]
+    extra = ["user", "assistant", "system", "User", "Assistant", "#", "Instruction", "Response", "\n", ":", "?",
+             ".", ","]
     vocab = {tok: i for i, tok in enumerate(specials + WORDS + extra)}
     unk = "[UNK]" if kind == "bert" else "<unk>"
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
@@ -104,5 +105,32 @@ data: {{train: {data}, max_length: 32}}
 tuning: {tuning}
 objective: {{kind: classify}}
 train: {{epochs: 5, batch_size: 16, lr: 3.0e-3, eval_every: 12, log_every: 4, seed: 0}}
+{extra}"""
+    return write_config(path, text)
+
+
+def instruction_rows(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca rows whose answer is one word set by the sentiment word in the instruction: learnable in a
+    few steps by a tiny model, short enough that a tuned model's stop rate is easy to see."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        pos = rng.random() < 0.5
+        words = rng.sample(FILLER, rng.randint(2, 6)) + [rng.choice(POSITIVE if pos else NEGATIVE)]
+        rows.append({"instruction": " ".join(words), "input": "", "output": "good" if pos else "bad"})
+    return rows
+
+
+def sft_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: full}", objective: str = "",
+               extra: str = "") -> Path:
+    """A small sft run config: the tiny instruction task learns (and learns to stop) in about 30 steps."""
+    text = f"""\
+name: sft
+model: {model}
+data: {{train: {data}, max_length: 32}}
+tuning: {tuning}
+objective: {{kind: sft{', ' + objective if objective else ''}}}
+train: {{epochs: 4, batch_size: 8, lr: 3.0e-3, seed: 0}}
+eval: {{generate: {{max_new_tokens: 8, prompts: 16}}}}
 {extra}"""
     return write_config(path, text)

@@ -1,8 +1,10 @@
 """What is optimised. One module per objective; see `common.py` for what each module provides."""
 
-from . import classify, clm
+from . import classify, clm, mlm, sft
 
 OBJECTIVES = {
     "classify": classify,
     "clm": clm,
+    "mlm": mlm,
+    "sft": sft,
 }

@@ -7,6 +7,8 @@ An objective module provides, next to its `Config`:
   loss(model, batch, cfg) -> Loss
   eval_step(model, batch, cfg) -> dict of per-example lists, merged over batches and processes
   metrics(outputs, cfg) -> dict of floats
+and optionally
+  GENERATION_METRICS  metrics of generated answers, measured once after training (sft)
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ class Prepared:
     """Extra arguments for building the model (e.g. num_labels, id2label)."""
     card: dict[str, Any] = field(default_factory=dict)
     """Facts for the data card (label balance, truncation counts, ...)."""
+    chat: Any = None
+    """The ChatFormat (data/templates.py) that rendered the examples, for causal LMs; generation and the
+    saved tokenizer use the same, so a tuned model is prompted as it was trained."""
+    prompts: dict[str, list[dict]] = field(default_factory=dict)
+    """Per split: `{"messages": prompt conversation, "reference": answer}` for generation metrics."""
 
 
 @dataclass
