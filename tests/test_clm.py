@@ -30,7 +30,7 @@ def test_eos_is_a_target_even_when_pad_equals_eos(tiny_llama):
     assert batch["labels"][0].tolist()[-1] == tok.eos_token_id
 
 
-def test_clm_training_lowers_held_out_perplexity(in_tmp, tiny_llama):
+def test_clm_training_lowers_held_out_perplexity(in_tmp, tiny_llama, capsys):
     text = "the movie was good and the plot was fun . "
     rows = [{"text": (text * 3).strip()} for _ in range(64)]
     d = in_tmp / "d"
@@ -49,3 +49,26 @@ train: {{epochs: 3, batch_size: 8, lr: 3.0e-3}}
     summary = json.loads((in_tmp / "runs" / "clm" / "summary.json").read_text())
     assert summary["test"]["perplexity"] == pytest.approx(math.exp(summary["test"]["loss"]))
     assert summary["test"]["perplexity"] < summary["base"]["test"]["perplexity"] / 4
+    # generate continues plain text for a clm run (no chat template: the prompt is text to go on with)
+    capsys.readouterr()
+    assert main(["generate", str(in_tmp / "runs" / "clm"), "the movie was", "--json", "--max-new-tokens", "6"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"].startswith("good and")
+
+
+def test_blocks_keep_every_token_and_pack_keeps_documents_apart(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [{"text": " ".join(["the movie was good"] * n)} for n in (1, 7, 3, 12, 2)]
+    data = DataConfig(train="x", max_length=16)
+    docs = sum(len(tok(r["text"])["input_ids"]) + 1 for r in rows)  # each closed by EOS
+    for pack in (False, True):
+        prepared = clm.prepare({"train": Split(rows, "x")}, tok, clm.Config(blocks=True, pack=pack), data)
+        blocks = prepared.examples["train"]
+        assert sum(len(b["input_ids"]) for b in blocks) == docs
+        assert all(len(b["input_ids"]) == 16 for b in blocks[:-1])
+        assert prepared.card["train"]["truncated"] == 0
+        assert ("position_ids" in blocks[0]) == pack
+    cut = clm.prepare({"train": Split(rows, "x")}, tok, clm.Config(), data)
+    assert cut.card["train"]["truncated"] == 2 and sum(len(e["input_ids"]) for e in cut.examples["train"]) < docs

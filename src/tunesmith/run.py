@@ -3,6 +3,9 @@
 config -> data (read, split, tokenize, data card) -> run folder -> model (load, tune)
        -> base score -> train -> evaluate -> artifacts (weights, summary)
 
+Objectives that generate (sft) also have base and tuned model answer held-out prompts once, before
+and after training, for generation metrics and a side-by-side report (compare.md / .html).
+
 Everything that can be wrong with the input is checked before the run folder is touched, so a
 bad config or bad data never leaves a folder that looks like a run.
 """
@@ -19,10 +22,13 @@ from transformers import set_seed
 from . import artifacts
 from .config import RunConfig, dump
 from .data.load import load_splits
+from .evaluate.compare import side_by_side, write_report
+from .evaluate.generation import Generation, evaluate_generation
 from .evaluate.score import evaluate
 from .models.load import load_model, load_tokenizer
 from .models.params import count_parameters, format_parameters
 from .objectives import OBJECTIVES
+from .objectives.lm import check_packing
 from .train.loop import fit
 from .tuning import TUNINGS
 
@@ -48,6 +54,13 @@ def prepare_data(cfg: RunConfig, tokenizer):
     objective = OBJECTIVES[cfg.objective.kind]
     splits = load_splits(cfg.data, cfg.train.seed)
     return objective.prepare(splits, tokenizer, cfg.objective, cfg.data)
+
+
+def generation_items(cfg: RunConfig, objective, prepared) -> list[dict]:
+    """The test prompts answered for generation metrics (none if the objective does not generate)."""
+    if not hasattr(objective, "GENERATION_METRICS") or prepared.chat is None or prepared.chat.template is None:
+        return []
+    return prepared.prompts.get("test", [])[:cfg.eval.generate.prompts]
 
 
 def print_card(card: dict) -> None:
@@ -113,23 +126,36 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
 def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, resume: bool,
               started: float, accelerator, dtype: torch.dtype) -> dict:
     say = accelerator.print
+    chat = prepared.chat
+    if chat is not None and chat.template is not None:
+        tokenizer.chat_template = chat.template  # saved with the weights: inference renders as training did
     set_seed(cfg.train.seed)
     model = load_model(cfg.model, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
     model = tuning.apply(model, cfg.tuning, objective.HEAD)
     trainable, total = count_parameters(model)
     say(format_parameters(trainable, total))
     model.to(accelerator.device)
+    if getattr(cfg.objective, "pack", False):
+        check_packing(model)  # before any training: fail if attention would cross packed examples
 
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     test = prepared.examples.get("test")
-    base = None
+    gen_items = generation_items(cfg, objective, prepared)
+    base, base_answers = None, None
     if cfg.eval.compare_base and test:
-        base_file = run_dir / "base_scores.json"
+        base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
         if resume and base_file.exists():
             base = artifacts.read_json(base_file)
+            base_answers = [Generation(**g) for g in artifacts.read_json(answers_file)] if gen_items else None
         else:
             base = evaluate(model, objective, cfg.objective, test, eval_bs, pad_id, accelerator, "base test")
+            if gen_items:
+                say(f"base model answering {len(gen_items)} test prompts ...")
+                scores, base_answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
+                base.update(scores)
+                if accelerator.is_main_process:
+                    artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
             if accelerator.is_main_process:
                 artifacts.write_json(base_file, base)
         say("base test " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
@@ -144,6 +170,11 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         if prepared.examples.get(split):
             results[split] = evaluate(model, objective, cfg.objective, prepared.examples[split], eval_bs, pad_id,
                                       accelerator, split)
+    answers = None
+    if gen_items and "test" in results:
+        say(f"tuned model answering {len(gen_items)} test prompts ...")
+        scores, answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
+        results["test"].update(scores)
     if cfg.eval.metrics:
         results = {s: {k: v for k, v in m.items() if k in cfg.eval.metrics} for s, m in results.items()}
         base = {k: v for k, v in base.items() if k in cfg.eval.metrics} if base else base
@@ -157,7 +188,24 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         "peak_memory_mb": artifacts.peak_memory_mb(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    if chat is not None:
+        summary["chat"] = {"template": chat.name if chat.template else None, "end_of_turn": chat.end_of_turn,
+                           "stop_ids": chat.stop_ids(), "system": chat.system}
+        if chat.template is not None:
+            # plain transformers `generate` on the saved model then stops at the end of a turn too
+            model.generation_config.eos_token_id = chat.stop_ids()
+    if answers is not None:
+        settings = cfg.eval.generate
+        summary["generation"] = {"prompts": len(answers), "max_new_tokens": settings.max_new_tokens,
+                                 "do_sample": settings.do_sample,
+                                 "report": "compare.md" if base_answers is not None else "generations.json"}
     if accelerator.is_main_process:
+        if answers is not None and base_answers is not None:
+            write_report(run_dir, f"{cfg.name}: base vs tuned on the test prompts", (cfg.model.name, str(run_dir)),
+                         (base, results["test"]), side_by_side(gen_items, base_answers, answers))
+        elif answers is not None:
+            artifacts.write_json(run_dir / "generations.json", [{"messages": it["messages"], "reference":
+                                 it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
         save = getattr(tuning, "save", None) or artifacts.save_weights
         summary["weights"] = save(run_dir, model, tokenizer)
         artifacts.set_status(run_dir, "completed")

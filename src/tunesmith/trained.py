@@ -1,17 +1,22 @@
-"""Load what a run produced (or a plain model folder) back for evaluation and prediction."""
+"""Load what a run produced (or a plain model folder, or a `sample:` model) back for evaluation,
+prediction and generation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from .config import DataConfig, RunConfig
+from .config import DataConfig, GenerateConfig, RunConfig
 from .errors import TunesmithError
 from .objectives import OBJECTIVES
 from .tuning import TUNINGS
+
+# A plain model folder is read as the objective its head is trained by.
+HEAD_OBJECTIVES = {"sequence-classification": "classify", "causal-lm": "sft", "masked-lm": "mlm"}
 
 
 @dataclass
@@ -19,19 +24,47 @@ class Trained:
     model: torch.nn.Module
     tokenizer: object
     objective: object
-    """The objective module (classify, ...)."""
+    """The objective module (classify, sft, ...)."""
     obj_cfg: object
     data_cfg: DataConfig
     cfg: RunConfig | None
     """The run's resolved config; None for a plain model folder."""
+    chat: object = None
+    """The ChatFormat that prompts this model as it was trained (causal LMs), else None."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """The run's generation settings (the defaults for a plain model)."""
+    name: str = ""
 
 
-def load_trained(path: str | Path) -> Trained:
+def _head_of(model_dir: Path) -> str:
+    """The head a saved model has, from the architecture named in its config.json."""
+    arch = " ".join(json.loads((model_dir / "config.json").read_text()).get("architectures") or [])
+    if "CausalLM" in arch or "LMHeadModel" in arch:
+        return "causal-lm"
+    if "MaskedLM" in arch:
+        return "masked-lm"
+    return "sequence-classification"
+
+
+def _chat_format(tokenizer, objective, obj_cfg, templated: bool):
+    from .data.templates import ChatFormat
+
+    if objective.HEAD != "causal-lm":
+        return None
+    if templated and tokenizer.chat_template:  # the tuned tokenizer carries the template it was trained with
+        return ChatFormat.build(tokenizer, "tokenizer", getattr(obj_cfg, "system", None))
+    return ChatFormat(tokenizer, None)
+
+
+def load_trained(path: str | Path, head: str | None = None) -> Trained:
+    """A finished run folder, a model folder or `sample:<model>`; `head` picks the head of a plain model
+    (default: the one in its config.json)."""
     from transformers import AutoTokenizer
 
     from . import artifacts
-    from .models.load import head_class, load_model, quiet_transformers
+    from .models.load import head_class, load_model, quiet_transformers, resolve
 
+    name = str(path)
     path = Path(path)
     if (path / artifacts.CONFIG).exists():
         if not artifacts.is_finished(path):
@@ -40,7 +73,8 @@ def load_trained(path: str | Path) -> Trained:
         cfg = RunConfig.model_validate(yaml.safe_load((path / artifacts.CONFIG).read_text()))
         objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
         kwargs = artifacts.read_json(path / artifacts.MANIFEST)["model_kwargs"]
-        weights = path / artifacts.read_json(path / artifacts.SUMMARY)["weights"]
+        summary = artifacts.read_json(path / artifacts.SUMMARY)
+        weights = path / summary["weights"]
         tokenizer = AutoTokenizer.from_pretrained(weights)
         if hasattr(tuning, "load"):
             model = tuning.load(cfg, weights, objective.HEAD, kwargs)
@@ -52,16 +86,23 @@ def load_trained(path: str | Path) -> Trained:
         else:
             with quiet_transformers():
                 model = head_class(objective.HEAD).from_pretrained(weights, dtype=torch.float32)
-        obj_cfg, data_cfg = cfg.objective, cfg.data
-    elif (path / "config.json").exists():
-        cfg, objective = None, OBJECTIVES["classify"]
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        with quiet_transformers():
-            model = head_class(objective.HEAD).from_pretrained(path, dtype=torch.float32)
-        obj_cfg, data_cfg = objective.Config(), DataConfig(train="")
+        obj_cfg, data_cfg, generate = cfg.objective, cfg.data, cfg.eval.generate
+        templated = bool((summary.get("chat") or {}).get("template"))
     else:
-        raise TunesmithError(f"{path} is neither a run folder (config.yaml) nor a model folder (config.json)")
+        folder = Path(resolve(name)) if name.startswith("sample:") else path
+        if not (folder / "config.json").exists():
+            raise TunesmithError(f"{path} is neither a run folder (config.yaml) nor a model folder (config.json)")
+        cfg, head = None, head or _head_of(folder)
+        objective = OBJECTIVES[HEAD_OBJECTIVES[head]]
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with quiet_transformers():
+            model = head_class(head).from_pretrained(folder, dtype=torch.float32)
+        obj_cfg, data_cfg, generate = objective.Config(), DataConfig(train=""), GenerateConfig()
+        templated = True
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if hasattr(objective, "configure_from_model"):
         obj_cfg = objective.configure_from_model(obj_cfg, model)
     model.eval()
-    return Trained(model, tokenizer, objective, obj_cfg, data_cfg, cfg)
+    chat = _chat_format(tokenizer, objective, obj_cfg, templated)
+    return Trained(model, tokenizer, objective, obj_cfg, data_cfg, cfg, chat, generate, name)

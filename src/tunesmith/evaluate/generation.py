@@ -1,0 +1,86 @@
+"""Generate answers and score them: batched, left-padded, stopping on the template's end-of-turn token.
+
+Used by sft's generation metrics, `generate`, `chat` and `compare` (and meant for PPO rollouts):
+prompts are token ids from `ChatFormat.encode_prompt`, so a model is prompted exactly as it was
+trained. A generation *stopped* when it produced a stop token before `max_new_tokens`; the stop
+rate is the share of generations that did.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from .metrics import text_metrics
+
+
+@dataclass
+class Generation:
+    text: str
+    """The answer, decoded without special tokens and without the stop token."""
+    tokens: int
+    """New tokens generated, the stop token included."""
+    stopped: bool
+    """Ended with a stop token before max_new_tokens."""
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: list[int], seed: int = 0) -> list[Generation]:
+    """One generation per prompt (token ids), in prompt order; batches of similar length, left-padded."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
+        if settings.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if settings.do_sample:
+        torch.manual_seed(seed)
+    stops = set(stop_ids)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[Generation | None] = [None] * len(prompts)
+    for s in range(0, len(order), settings.batch_size):
+        idx = order[s:s + settings.batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+                                repetition_penalty=settings.repetition_penalty, eos_token_id=list(stop_ids),
+                                pad_token_id=pad, **sampling)
+        for i, row in zip(idx, result[:, width:].tolist()):
+            end = next((k for k, t in enumerate(row) if t in stops), None)
+            kept = row if end is None else row[:end]
+            out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                len(row) if end is None else end + 1, end is not None)
+    model.train(was_training)
+    return out
+
+
+def answer(model, chat, conversations: list[list[dict]], settings, seed: int = 0) -> list[Generation]:
+    """The model's next turn for each conversation, prompted through `chat` (a ChatFormat)."""
+    prompts = [chat.encode_prompt(c) for c in conversations]
+    return generate(model, chat.tokenizer, prompts, settings, chat.stop_ids(), seed)
+
+
+def metric_names(references: list[str], configured: list[str] | None) -> list[str]:
+    """The configured text metrics, or ROUGE-1/2/L plus exact match when references are short."""
+    if configured is not None:
+        return list(configured)
+    short = statistics.median(len(r.split()) for r in references) <= 10 if references else False
+    return ["rouge1", "rouge2", "rougeL"] + (["exact_match"] if short else [])
+
+
+def score(generations: list[Generation], references: list[str], names: list[str]) -> dict[str, float]:
+    """Text metrics against the references, the stop rate, and the mean answer length in tokens."""
+    scores = text_metrics([g.text for g in generations], references, names)
+    scores["stop_rate"] = sum(g.stopped for g in generations) / max(1, len(generations))
+    scores["new_tokens"] = sum(g.tokens for g in generations) / max(1, len(generations))
+    return scores
+
+
+def evaluate_generation(model, chat, items: list[dict], settings, seed: int = 0) -> tuple[dict, list[Generation]]:
+    """Answer held-out prompts (`{"messages", "reference"}` items) and score the answers."""
+    generations = answer(model, chat, [it["messages"] for it in items], settings, seed)
+    references = [it["reference"] for it in items]
+    return score(generations, references, metric_names(references, settings.metrics)), generations
