@@ -155,11 +155,21 @@ def test_a_template_that_rewrites_history_is_refused():
         chat.encode(conv, "all")
 
 
-def test_long_examples_keep_the_response_and_its_eos():
+def test_long_examples_are_shortened_inside_the_prompt_keeping_template_and_answer():
     tok = make_tokenizer("llama")
-    row = {"instruction": " ".join(["the movie"] * 20), "output": "good fun"}
-    prepared = sft.prepare({"train": Split([row], "x")}, tok, sft.Config(), DataConfig(train="x", max_length=12))
-    ex = prepared.examples["train"][0]
-    assert len(ex["input_ids"]) == 12
-    assert tok.convert_ids_to_tokens(ex["input_ids"][-3:]) == ["good", "fun", "<|im_end|>"]
-    assert prepared.card["train"]["truncated"] == 1 and prepared.card["train"]["responses_cut"] == 0
+    rows = [{"instruction": "one two " + " ".join(["the movie"] * 20), "output": "good fun"},
+            {"instruction": "the movie", "output": " ".join(["good"] * 20)}]
+    prepared = sft.prepare({"test": Split(rows, "x")}, tok, sft.Config(), DataConfig(train="x", max_length=12))
+    long_prompt, long_answer = prepared.examples["test"]
+    tokens = tok.convert_ids_to_tokens(long_prompt["input_ids"])
+    # the end of the user message went; its start, the markup and the whole answer stayed
+    assert tokens[:4] == ["<|im_start|>", "user", "one", "two"] and len(tokens) <= 12
+    assert tokens[-6:] == ["<|im_end|>", "<|im_start|>", "assistant", "good", "fun", "<|im_end|>"]
+    assert [l for l in long_prompt["labels"] if l != IGNORE_INDEX] == tok.convert_tokens_to_ids(["good", "fun",
+                                                                                                 "<|im_end|>"])
+    # generation is prompted with the conversation as trained
+    assert prepared.prompts["test"][0]["messages"][0]["content"].startswith("one two")
+    assert prepared.prompts["test"][0]["reference"] == "good fun"
+    # an answer longer than max_length on its own is cut at the right
+    assert len(long_answer["input_ids"]) == 12
+    assert prepared.card["test"]["truncated"] == 2 and prepared.card["test"]["responses_cut"] == 1

@@ -49,19 +49,35 @@ def chat_format(tokenizer, cfg: Config):
     return ChatFormat.build(tokenizer, cfg.template, cfg.system)
 
 
-def fit_length(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], str | None]:
-    """Make an example fit `max_length`, keeping its last response whole with its end-of-turn token.
+def fit_length(chat, conv, turns: str, max_length: int) -> tuple[list[int], list[int], list[dict] | str, str | None]:
+    """Encode an example so it fits `max_length`, keeping the template and the answer's end-of-turn whole.
 
-    The prompt is cut from the left (the text nearest the answer stays); a response longer than
-    max_length on its own is cut at the right and loses its EOS. Returns which of the two happened.
+    A conversation too long is shortened inside its prompt: the end of its longest prompt message
+    is cut (a document to summarise, say) until it fits, so the system message, the instruction's
+    start and the assistant header stay. If the prompt cannot shrink enough (or the row is plain
+    text), the example is cut at the right and its answer loses its end. Returns the ids, labels,
+    the conversation as trained, and what was cut ("prompt", "response" or None).
     """
+    if isinstance(conv, str):
+        ids, labels = chat.encode_text(conv)
+        return (ids, labels, conv, None) if len(ids) <= max_length else (ids[:max_length], labels[:max_length],
+                                                                           conv, "response")
+    ids, labels = chat.encode(conv, turns)
     if len(ids) <= max_length:
-        return ids, labels, None
-    start = max((i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX),
-                default=0)
-    if len(ids) - start <= max_length:
-        return ids[-max_length:], labels[-max_length:], "prompt"
-    return ids[:max_length], labels[:max_length], "response"
+        return ids, labels, conv, None
+    conv = [dict(m) for m in conv]
+    tok = chat.tokenizer
+    for _ in range(2 * len(conv)):
+        i = max(range(len(conv) - 1), key=lambda k: len(conv[k]["content"]), default=None)
+        if i is None or not conv[i]["content"]:
+            break
+        content = tok(conv[i]["content"], add_special_tokens=False)["input_ids"]
+        # decoding and re-encoding can shift a token or two, hence the small margin
+        conv[i]["content"] = tok.decode(content[:max(0, len(content) - (len(ids) - max_length) - 2)])
+        ids, labels = chat.encode(conv, turns)
+        if len(ids) <= max_length:
+            return ids, labels, conv, "prompt"
+    return ids[:max_length], labels[:max_length], conv, "response"
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
@@ -76,20 +92,21 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     for name, part in splits.items():
         fmt = split_format(part, data.format)
         rows = conversations(part, fmt)
-        encoded, cut = [], {"prompt": 0, "response": 0}
+        encoded, trained, cut = [], [], {"prompt": 0, "response": 0}
         for i, conv in enumerate(rows):
             try:
-                ids, labels = chat.encode_text(conv) if isinstance(conv, str) else chat.encode(conv, cfg.turns)
+                ids, labels, conv, what = fit_length(chat, conv, cfg.turns, data.max_length)
             except TemplateError as e:
                 raise DataError(f"row {i}: {e}", where=part.where(i),
                                 hint="try another objective.template, or turns: last") from None
-            ids, labels, what = fit_length(ids, labels, data.max_length)
             if what:
                 cut[what] += 1
             encoded.append({"input_ids": ids, "labels": labels})
+            trained.append(conv)
         if fmt != "text":
             used_template = True
-            prompts[name] = [{"messages": c[:-1], "reference": c[-1]["content"]} for c in rows]
+            # generation metrics prompt with the conversation as trained (shortened if it had to be)
+            prompts[name] = [{"messages": c[:-1], "reference": rows[i][-1]["content"]} for i, c in enumerate(trained)]
         targets = sum(sum(l != IGNORE_INDEX for l in ex["labels"]) for ex in encoded)
         tokens = sum(len(ex["input_ids"]) for ex in encoded)
         examples[name] = pack(encoded, data.max_length) if cfg.pack else encoded
