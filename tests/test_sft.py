@@ -58,6 +58,8 @@ def test_generate_prompts_the_saved_model_as_training_did(full_run, capsys):
     out = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [o["answer"] for o in out] == [r["tuned"] for r in rows]
     assert all(o["stopped"] for o in out)
+    assert main(["predict", str(full_run), "the movie"]) == 2
+    assert "not a classifier" in capsys.readouterr().err
     # the saved tokenizer carries the template, and the saved model stops on the end-of-turn token
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -58,6 +58,9 @@ def cmd_predict(args) -> int:
     from .trained import load_trained
 
     trained = load_trained(args.run)
+    if not hasattr(trained.objective, "predict"):
+        raise TunesmithError(f"{args.run} is not a classifier; predict labels texts",
+                             hint=f"for language models use `tunesmith generate {args.run} \"...\"`")
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for text, out in zip(texts, trained.objective.predict(trained.model, trained.tokenizer, texts, trained.data_cfg)):
         print(json.dumps({"text": text, **out}, ensure_ascii=False))
@@ -113,12 +116,8 @@ def cmd_compare(args) -> int:
     from pathlib import Path
 
     from .evaluate.compare import compare
-    from .trained import load_trained
 
-    settings = None
-    if args.max_new_tokens is not None:
-        settings = load_trained(args.run).generate.model_copy(update={"max_new_tokens": args.max_new_tokens})
-    folder, scores = compare(args.base, args.run, args.data, args.split, args.prompts, settings,
+    folder, scores = compare(args.base, args.run, args.data, args.split, args.prompts, args.max_new_tokens,
                              Path(args.out) if args.out else None)
     print(f"\n{'':<14}{'base':>10}{'tuned':>10}")
     for key, tuned in scores["tuned"].items():

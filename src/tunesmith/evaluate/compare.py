@@ -104,9 +104,9 @@ def _same_vocabulary(a, b) -> bool:
 
 
 def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts: int | None = None,
-            settings=None, out: Path | None = None, batch_size: int = 8) -> tuple[Path, dict]:
+            max_new_tokens: int | None = None, out: Path | None = None, batch_size: int = 8) -> tuple[Path, dict]:
     """Generate with base and tuned model on the same prompts from `data`, score both, write the report."""
-    from ..data.formats import conversations, split_format
+    from ..data.formats import split_format
     from ..data.load import rename_columns
     from ..data.sources import Split, read
     from ..objectives import OBJECTIVES
@@ -133,17 +133,17 @@ def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts
     part = rename_columns(found, {k: v for k, v in tuned.data_cfg.columns.items() if v in found.columns()})
     if prompts is not None:
         part = part.subset(list(range(min(prompts, len(part.rows)))))
-    fmt = split_format(part, tuned.data_cfg.format)
-    convs = conversations(part, fmt)
-    if fmt == "text":
+    if split_format(part, tuned.data_cfg.format) == "text":
         raise TunesmithError(f"{data} holds plain text; compare needs prompts with reference answers",
                              hint="see docs/formats.md")
-    items = [{"messages": c[:-1], "reference": c[-1]["content"]} for c in convs]
-    settings = settings or tuned.generate
-    seed = tuned.cfg.train.seed
-
+    # prepared as the run prepared its data: same template, and over-long prompts shortened the same way
     sft = OBJECTIVES["sft"]
     prepared = sft.prepare({split: part}, tuned.tokenizer, tuned.obj_cfg, tuned.data_cfg)
+    items = prepared.prompts[split]
+    settings = tuned.generate  # the run's generation settings, so compare repeats what training measured
+    if max_new_tokens is not None:
+        settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
+    seed = tuned.cfg.train.seed
     pad = tuned.tokenizer.pad_token_id
     scores, generations = [], []
     for trained in (base, tuned):
