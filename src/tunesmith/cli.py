@@ -105,7 +105,7 @@ def cmd_chat(args) -> int:
 
     trained, settings = _generator(args)
     if trained.chat.template is None:
-        raise TunesmithError(f"{args.run} was trained on plain text and has no chat template",
+        raise TunesmithError(f"{args.run} has no chat template (a clm run, or a model without one)",
                              hint=f"continue text with `tunesmith generate {args.run} \"...\"`")
     seed = trained.cfg.train.seed if trained.cfg else 0
     chat_loop(trained, settings, sys.stdin, sys.stdout, as_json=args.json, interactive=sys.stdin.isatty(), seed=seed)

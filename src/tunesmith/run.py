@@ -142,7 +142,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     test = prepared.examples.get("test")
     gen_items = generation_items(cfg, objective, prepared)
-    base, base_answers = None, None
+    base, base_answers, gen_seconds = None, None, {}
     if cfg.eval.compare_base and test:
         base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
         if resume and base_file.exists():
@@ -152,7 +152,9 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
             base = evaluate(model, objective, cfg.objective, test, eval_bs, pad_id, accelerator, "base test")
             if gen_items:
                 say(f"base model answering {len(gen_items)} test prompts ...")
+                tick = time.perf_counter()
                 scores, base_answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
+                gen_seconds["base"] = round(time.perf_counter() - tick, 1)
                 base.update(scores)
                 if accelerator.is_main_process:
                     artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
@@ -173,7 +175,9 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     answers = None
     if gen_items and "test" in results:
         say(f"tuned model answering {len(gen_items)} test prompts ...")
+        tick = time.perf_counter()
         scores, answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
+        gen_seconds["tuned"] = round(time.perf_counter() - tick, 1)
         results["test"].update(scores)
     if cfg.eval.metrics:
         results = {s: {k: v for k, v in m.items() if k in cfg.eval.metrics} for s, m in results.items()}
@@ -197,7 +201,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if answers is not None:
         settings = cfg.eval.generate
         summary["generation"] = {"prompts": len(answers), "max_new_tokens": settings.max_new_tokens,
-                                 "do_sample": settings.do_sample,
+                                 "do_sample": settings.do_sample, "seconds": gen_seconds,
                                  "report": "compare.md" if base_answers is not None else "generations.json"}
     if accelerator.is_main_process:
         if answers is not None and base_answers is not None:

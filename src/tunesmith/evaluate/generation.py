@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..train.progress import bar
 from .metrics import text_metrics
 
 
@@ -27,8 +28,13 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: list[int], seed: int = 0) -> list[Generation]:
-    """One generation per prompt (token ids), in prompt order; batches of similar length, left-padded."""
+def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: list[int], seed: int = 0,
+             expected: list[int] | None = None) -> list[Generation]:
+    """One generation per prompt (token ids), in prompt order, in left-padded batches.
+
+    A batch runs until its longest answer ends, so prompts are batched by `expected` answer length
+    when known (the references' lengths, in evaluation), else by prompt length.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,9 +44,11 @@ def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: lis
     if settings.do_sample:
         torch.manual_seed(seed)
     stops = set(stop_ids)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    key = expected if expected is not None else [len(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -key[i])
     out: list[Generation | None] = [None] * len(prompts)
-    for s in range(0, len(order), settings.batch_size):
+    starts = range(0, len(order), settings.batch_size)
+    for s in bar(starts, "generate", total=len(starts)):
         idx = order[s:s + settings.batch_size]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
@@ -57,10 +65,11 @@ def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: lis
     return out
 
 
-def answer(model, chat, conversations: list[list[dict]], settings, seed: int = 0) -> list[Generation]:
+def answer(model, chat, conversations: list[list[dict]], settings, seed: int = 0,
+           expected: list[int] | None = None) -> list[Generation]:
     """The model's next turn for each conversation, prompted through `chat` (a ChatFormat)."""
     prompts = [chat.encode_prompt(c) for c in conversations]
-    return generate(model, chat.tokenizer, prompts, settings, chat.stop_ids(), seed)
+    return generate(model, chat.tokenizer, prompts, settings, chat.stop_ids(), seed, expected)
 
 
 def metric_names(references: list[str], configured: list[str] | None) -> list[str]:
@@ -81,6 +90,7 @@ def score(generations: list[Generation], references: list[str], names: list[str]
 
 def evaluate_generation(model, chat, items: list[dict], settings, seed: int = 0) -> tuple[dict, list[Generation]]:
     """Answer held-out prompts (`{"messages", "reference"}` items) and score the answers."""
-    generations = answer(model, chat, [it["messages"] for it in items], settings, seed)
     references = [it["reference"] for it in items]
+    expected = [len(ids) for ids in chat.tokenizer(references, add_special_tokens=False)["input_ids"]]
+    generations = answer(model, chat, [it["messages"] for it in items], settings, seed, expected)
     return score(generations, references, metric_names(references, settings.metrics)), generations
