@@ -79,6 +79,8 @@ def test_batched_generation_matches_one_at_a_time(full_run):
     together = answer(trained.model, trained.chat, convs, trained.generate.model_copy(update={"batch_size": 3}))
     alone = [answer(trained.model, trained.chat, [c], trained.generate)[0] for c in convs]
     assert together == alone
+    stop = trained.chat.stop_ids()
+    assert all(g.ids[-1] in stop and len(g.ids) == g.tokens for g in together if g.stopped)
 
 
 def test_chat_keeps_the_conversation(full_run, monkeypatch):

@@ -9,7 +9,7 @@ rate is the share of generations that did.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,8 @@ class Generation:
     """New tokens generated, the stop token included."""
     stopped: bool
     """Ended with a stop token before max_new_tokens."""
+    ids: list[int] = field(default_factory=list, repr=False)
+    """The generated token ids, the stop token included (what a rollout scores)."""
 
 
 @torch.no_grad()
@@ -60,7 +62,8 @@ def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: lis
             end = next((k for k, t in enumerate(row) if t in stops), None)
             kept = row if end is None else row[:end]
             out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                len(row) if end is None else end + 1, end is not None)
+                                len(row) if end is None else end + 1, end is not None,
+                                row if end is None else row[:end + 1])
     model.train(was_training)
     return out
 
