@@ -20,11 +20,12 @@ from . import artifacts
 from .config import RunConfig, dump
 from .data.load import load_splits
 from .evaluate.score import evaluate
-from .models.load import load_model, load_tokenizer
+from .models.load import load_tokenizer
 from .models.params import count_parameters, format_parameters
 from .objectives import OBJECTIVES
 from .train.loop import fit
 from .tuning import TUNINGS
+from .tuning.common import check_before_loading, load_base
 
 
 def precision_and_dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
@@ -77,10 +78,12 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
     run_dir = Path(cfg.output.dir) / cfg.name
 
-    # 1. Everything checkable before the run folder exists: config, data, tokenizer, labels.
+    # 1. Everything checkable before the run folder exists: config, data, tokenizer, labels, and the
+    #    tuning on this architecture (from the model's config and a meta-device build: no weights read).
     artifacts.open_run_dir(run_dir, resume=resume, force=force)
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg, tokenizer)
+    check_before_loading(cfg, prepared.model_kwargs)
     print_card(prepared.card)
 
     # 2. The run folder, marked as running until summary.json is written.
@@ -103,8 +106,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     mode, dtype = precision_and_dtype(cfg)
     accelerator = Accelerator(mixed_precision=mode)
     set_seed(cfg.train.seed)
-    model = load_model(cfg.model, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
-    model = tuning.apply(model, cfg.tuning, objective.HEAD)
+    model = load_base(cfg, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
+    model = tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
     trainable, total = count_parameters(model)
     print(format_parameters(trainable, total))
     model.to(accelerator.device)

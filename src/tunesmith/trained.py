@@ -26,11 +26,26 @@ class Trained:
     """The run's resolved config; None for a plain model folder."""
 
 
+def load_weights(cfg: RunConfig, weights: Path, model_kwargs: dict, pad_token_id: int | None = None):
+    """The trained model of a run from its weights folder: the tuning's own loader if it has one, else
+    the base (loaded as the tuning needs, e.g. 4-bit) with the peft adapter, else the full weights."""
+    from .models.load import head_class, quiet_transformers
+    from .tuning.common import load_adapter
+
+    head, tuning = OBJECTIVES[cfg.objective.kind].HEAD, TUNINGS[cfg.tuning.kind]
+    if hasattr(tuning, "load"):
+        return tuning.load(cfg, weights, head, model_kwargs, pad_token_id)
+    if (weights / "adapter_config.json").exists():
+        return load_adapter(cfg, weights, head, model_kwargs, pad_token_id)
+    with quiet_transformers():
+        return head_class(head).from_pretrained(weights, dtype=torch.float32)
+
+
 def load_trained(path: str | Path) -> Trained:
     from transformers import AutoTokenizer
 
     from . import artifacts
-    from .models.load import head_class, load_model, quiet_transformers
+    from .models.load import head_class, quiet_transformers
 
     path = Path(path)
     if (path / artifacts.CONFIG).exists():
@@ -38,20 +53,11 @@ def load_trained(path: str | Path) -> Trained:
             raise TunesmithError(f"{path} is not a finished run (no {artifacts.SUMMARY})",
                                  hint="finish it with `tunesmith train CONFIG --resume`")
         cfg = RunConfig.model_validate(yaml.safe_load((path / artifacts.CONFIG).read_text()))
-        objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
+        objective = OBJECTIVES[cfg.objective.kind]
         kwargs = artifacts.read_json(path / artifacts.MANIFEST)["model_kwargs"]
         weights = path / artifacts.read_json(path / artifacts.SUMMARY)["weights"]
         tokenizer = AutoTokenizer.from_pretrained(weights)
-        if hasattr(tuning, "load"):
-            model = tuning.load(cfg, weights, objective.HEAD, kwargs)
-        elif (weights / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            base = load_model(cfg.model, objective.HEAD, kwargs, torch.float32, tokenizer.pad_token_id)
-            model = PeftModel.from_pretrained(base, weights)
-        else:
-            with quiet_transformers():
-                model = head_class(objective.HEAD).from_pretrained(weights, dtype=torch.float32)
+        model = load_weights(cfg, weights, kwargs, tokenizer.pad_token_id)
         obj_cfg, data_cfg = cfg.objective, cfg.data
     elif (path / "config.json").exists():
         cfg, objective = None, OBJECTIVES["classify"]
