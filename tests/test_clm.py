@@ -49,3 +49,21 @@ train: {{epochs: 3, batch_size: 8, lr: 3.0e-3}}
     summary = json.loads((in_tmp / "runs" / "clm" / "summary.json").read_text())
     assert summary["test"]["perplexity"] == pytest.approx(math.exp(summary["test"]["loss"]))
     assert summary["test"]["perplexity"] < summary["base"]["test"]["perplexity"] / 4
+
+
+def test_shifted_token_losses_equal_the_sliced_computation():
+    """Shifting labels instead of logits (to avoid copying the logits) changes nothing in the numbers."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.objectives.lm import shifted_token_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[1, 4:] = -100
+    losses, mask = shifted_token_losses(logits, labels)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
+                               reduction="none").view(3, 6)
+    assert torch.equal(mask, labels[:, 1:] != -100)
+    torch.testing.assert_close(losses, expected, rtol=0, atol=1e-6)

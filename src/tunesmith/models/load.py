@@ -130,9 +130,10 @@ def load_model(model_cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load {model_cfg.name!r} as a {head} model: {e}", where="model.name") from None
     if "quantization_config" in extra:
-        from .quantize import keep_compute_dtype
+        from .quantize import keep_compute_dtype, release_checkpoint
 
         keep_compute_dtype(model)
+        release_checkpoint(model)
     return model
 
 

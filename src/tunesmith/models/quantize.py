@@ -46,6 +46,35 @@ def keep_compute_dtype(model: nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def release_checkpoint(model: nn.Module) -> None:
+    """Give the weights that were not quantized (embeddings, norms, head, biases) memory of their own.
+
+    transformers reads safetensors through a memory map and leaves tensors it did not convert as views of
+    it. With a 4-bit base that map stays alive for those few tensors, and every page of it that was read
+    while quantizing, i.e. the whole fp32 checkpoint, stays counted in the process's resident memory.
+    Copying the unconverted tensors (a small part of the model) lets the map go. The fp32 temporaries of
+    quantization are freed by then, but glibc keeps freed heap pages resident; handing them back to the
+    system keeps them from adding to the training peak.
+    """
+    import ctypes
+    import gc
+
+    seen = set()
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            for _, t in tensors:
+                if id(t) in seen or t.device.type != "cpu" or not t.is_floating_point():
+                    continue
+                seen.add(id(t))
+                t.data = t.data.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
+
+
 def quantized_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:
     """The linear layers `from_pretrained` would quantize (works on the meta device): every linear layer
     outside `skip` and outside the model's keep-in-fp32 modules."""
