@@ -116,3 +116,10 @@ def test_impossible_plans_fail_at_config_validation(tmp_path, capsys, model, tun
     assert main(["plan", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_names_its_command_and_validates(path):
+    first = path.read_text().splitlines()[0]
+    assert first in (f"# tunesmith train examples/{path.name}", f"# tunesmith plan examples/{path.name}")
+    load_config(path)
