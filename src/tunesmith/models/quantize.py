@@ -101,7 +101,8 @@ def storage(model: nn.Module, skip: list[str], double_quant: bool) -> dict[str, 
         blocks = -(-numel // BLOCK)
         n += numel
         layers += 1
-        constants += blocks * 1 + 4 * -(-blocks // NESTED_BLOCK) if double_quant else blocks * 4
+        # an fp32 scale per block, or (double quant) a uint8 one plus an fp32 scale per 256 blocks
+        constants += (blocks + 4 * -(-blocks // NESTED_BLOCK)) if double_quant else 4 * blocks
     return {"params": n, "layers": layers, "packed": -(-n // 2) if n else 0, "constants": constants}
 
 
