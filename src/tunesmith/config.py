@@ -166,7 +166,7 @@ class RunConfig(Section):
     data: DataConfig
     """Where the data comes from and how it is split and truncated."""
     tuning: TuningConfig = Field(default_factory=lambda: TUNINGS["lora"].Config())
-    """Which parameters train (`kind`: full, freeze, lora)."""
+    """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
     """What is optimised (`kind`: classify, clm, mlm, sft)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())

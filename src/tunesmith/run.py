@@ -25,12 +25,13 @@ from .data.load import load_splits
 from .evaluate.compare import side_by_side, write_report
 from .evaluate.generation import Generation, evaluate_generation
 from .evaluate.score import evaluate
-from .models.load import load_model, load_tokenizer
+from .models.load import load_tokenizer
 from .models.params import count_parameters, format_parameters
 from .objectives import OBJECTIVES
 from .objectives.lm import check_packing
 from .train.loop import fit
 from .tuning import TUNINGS
+from .tuning.common import check_before_loading, load_base
 
 
 def precision_and_dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
@@ -96,11 +97,13 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     accelerator = Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
 
-    # 1. Everything checkable before the run folder exists: config, data, tokenizer, labels.
+    # 1. Everything checkable before the run folder exists: config, data, tokenizer, labels, and the
+    #    tuning on this architecture (from the model's config and a meta-device build: no weights read).
     #    Every process checks, so a bad input stops them all the same way.
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg, tokenizer)
+    check_before_loading(cfg, prepared.model_kwargs)
     if main:
         print_card(prepared.card)
 
@@ -130,8 +133,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if chat is not None and chat.template is not None:
         tokenizer.chat_template = chat.template  # saved with the weights: inference renders as training did
     set_seed(cfg.train.seed)
-    model = load_model(cfg.model, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
-    model = tuning.apply(model, cfg.tuning, objective.HEAD)
+    model = load_base(cfg, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
+    model = tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
     trainable, total = count_parameters(model)
     say(format_parameters(trainable, total))
     model.to(accelerator.device)

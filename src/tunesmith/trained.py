@@ -56,13 +56,28 @@ def _chat_format(tokenizer, objective, obj_cfg, templated: bool):
     return ChatFormat(tokenizer, None)
 
 
+def load_weights(cfg: RunConfig, weights: Path, model_kwargs: dict, pad_token_id: int | None = None):
+    """The trained model of a run from its weights folder: the tuning's own loader if it has one, else
+    the base (loaded as the tuning needs, e.g. 4-bit) with the peft adapter, else the full weights."""
+    from .models.load import head_class, quiet_transformers
+    from .tuning.common import load_adapter
+
+    head, tuning = OBJECTIVES[cfg.objective.kind].HEAD, TUNINGS[cfg.tuning.kind]
+    if hasattr(tuning, "load"):
+        return tuning.load(cfg, weights, head, model_kwargs, pad_token_id)
+    if (weights / "adapter_config.json").exists():
+        return load_adapter(cfg, weights, head, model_kwargs, pad_token_id)
+    with quiet_transformers():
+        return head_class(head).from_pretrained(weights, dtype=torch.float32)
+
+
 def load_trained(path: str | Path, head: str | None = None) -> Trained:
     """A finished run folder, a model folder or `sample:<model>`; `head` picks the head of a plain model
     (default: the one in its config.json)."""
     from transformers import AutoTokenizer
 
     from . import artifacts
-    from .models.load import head_class, load_model, quiet_transformers, resolve
+    from .models.load import head_class, quiet_transformers, resolve
 
     name = str(path)
     path = Path(path)
@@ -71,21 +86,12 @@ def load_trained(path: str | Path, head: str | None = None) -> Trained:
             raise TunesmithError(f"{path} is not a finished run (no {artifacts.SUMMARY})",
                                  hint="finish it with `tunesmith train CONFIG --resume`")
         cfg = RunConfig.model_validate(yaml.safe_load((path / artifacts.CONFIG).read_text()))
-        objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
+        objective = OBJECTIVES[cfg.objective.kind]
         kwargs = artifacts.read_json(path / artifacts.MANIFEST)["model_kwargs"]
         summary = artifacts.read_json(path / artifacts.SUMMARY)
         weights = path / summary["weights"]
         tokenizer = AutoTokenizer.from_pretrained(weights)
-        if hasattr(tuning, "load"):
-            model = tuning.load(cfg, weights, objective.HEAD, kwargs)
-        elif (weights / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            base = load_model(cfg.model, objective.HEAD, kwargs, torch.float32, tokenizer.pad_token_id)
-            model = PeftModel.from_pretrained(base, weights)
-        else:
-            with quiet_transformers():
-                model = head_class(objective.HEAD).from_pretrained(weights, dtype=torch.float32)
+        model = load_weights(cfg, weights, kwargs, tokenizer.pad_token_id)
         obj_cfg, data_cfg, generate = cfg.objective, cfg.data, cfg.eval.generate
         templated = bool((summary.get("chat") or {}).get("template"))
     else:

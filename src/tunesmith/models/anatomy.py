@@ -56,3 +56,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper, if any."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the top-level modules outside the pretrained body: the task head (`classifier`, `score`,
+    `pre_classifier`, `lm_head`, ...). Read from structure, so a meta-device model answers too."""
+    inner = _unwrap(model)
+    prefix = getattr(inner, "base_model_prefix", "")
+    if not prefix or getattr(inner, prefix, None) is None:
+        return []
+    return [name for name, child in inner.named_children() if name != prefix and any(True for _ in child.parameters())]
+
+
+def block_index(name: str, blocks_prefix: str) -> int | None:
+    """The block a module belongs to, from its full name (`model.layers.3.mlp.up_proj` -> 3), or None."""
+    if not name.startswith(blocks_prefix + "."):
+        return None
+    head = name[len(blocks_prefix) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None

@@ -106,8 +106,13 @@ def build_config(model_cfg, model_kwargs: dict, resolved: str):
                          hint=OFFLINE_HINT) from None
 
 
-def load_model(model_cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad_token_id: int | None = None):
-    """The base model with the objective's head, weights in `dtype` (random init for `arch:`)."""
+def load_model(model_cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad_token_id: int | None = None,
+               extra: dict | None = None):
+    """The base model with the objective's head, weights in `dtype` (random init for `arch:`).
+
+    `extra`: further `from_pretrained` arguments a tuning asks for, e.g. qlora's `quantization_config`.
+    """
+    extra = extra or {}
     resolved = resolve(model_cfg.name)
     config = build_config(model_cfg, model_kwargs, resolved)
     if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
@@ -115,12 +120,29 @@ def load_model(model_cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad
     cls = head_class(head)
     with quiet_transformers():
         if resolved.startswith("arch:"):
+            if extra:
+                raise ModelError(f"{model_cfg.name} is a random architecture; it cannot be loaded with "
+                                 f"{', '.join(extra)}", where="model.name")
             return cls.from_config(config, dtype=dtype)
         try:
-            return cls.from_pretrained(resolved, config=config, dtype=dtype,
-                                       trust_remote_code=model_cfg.trust_remote_code)
+            model = cls.from_pretrained(resolved, config=config, dtype=dtype,
+                                        trust_remote_code=model_cfg.trust_remote_code, **extra)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load {model_cfg.name!r} as a {head} model: {e}", where="model.name") from None
+    if "quantization_config" in extra:
+        from .quantize import keep_compute_dtype, release_checkpoint
+
+        keep_compute_dtype(model)
+        release_checkpoint(model)
+    return model
+
+
+def is_decoder_only(config) -> bool:
+    """A causal LM with no masked-LM form (GPT, Llama, ...): its sequence classifier reads the last token."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    kind = type(config)
+    return kind in AutoModelForCausalLM._model_mapping and kind not in AutoModelForMaskedLM._model_mapping
 
 
 def build_on_meta(model_cfg, head: str, model_kwargs: dict):

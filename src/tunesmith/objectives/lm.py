@@ -12,12 +12,14 @@ def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     """Per-token cross-entropy of predicting labels[t+1] from position t, and the mask of real targets.
 
     Returns (losses, mask), both (batch, seq-1); losses are 0 where the label is IGNORE_INDEX.
+    The labels are shifted, not the logits (as transformers' own loss does): slicing the
+    (batch, seq, vocab) logits would copy them, and again in the backward pass, which for a small
+    model with a large vocabulary is a good part of its training memory.
     """
-    logits, targets = logits[:, :-1, :].float(), labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
-    return losses, mask
+    return losses[:, :-1], targets[:, :-1] != IGNORE_INDEX
 
 
 def causal_lm_logits(model, batch) -> torch.Tensor:

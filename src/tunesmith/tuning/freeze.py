@@ -13,6 +13,8 @@ from pydantic import Field
 
 from ..schema import Section
 
+MERGEABLE = True  # the trained weights already are a plain model
+
 
 class Config(Section):
     kind: Literal["freeze"] = "freeze"
@@ -25,7 +27,7 @@ class Config(Section):
     """Regular expressions; parameters whose names match also train (e.g. `pooler`, `norm`)."""
 
 
-def apply(model, cfg: Config, head: str):
+def apply(model, cfg: Config, head: str, tokenizer=None):
     from ..models.anatomy import blocks, head_parameters
 
     for p in model.parameters():

@@ -10,6 +10,8 @@ from typing import Literal
 
 from ..schema import Section
 
+MERGEABLE = True  # the trained weights already are a plain model
+
 
 class Config(Section):
     kind: Literal["full"] = "full"
@@ -18,7 +20,7 @@ class Config(Section):
     """Keep the input embeddings frozen (saves memory on large vocabularies; the head still trains)."""
 
 
-def apply(model, cfg: Config, head: str):
+def apply(model, cfg: Config, head: str, tokenizer=None):
     for p in model.parameters():
         p.requires_grad_(True)
     if cfg.freeze_embeddings:

@@ -1,67 +1,68 @@
 """LoRA (Hu et al., 2021) through peft: frozen base, trainable low-rank updates B·A on chosen layers.
 
-The adapter is saved in peft's format, so `PeftModel.from_pretrained(base, run/adapter)` loads it
-anywhere, and it merges into the base weights for export.
+Each adapted layer W (out x in) gains A (r x in) and B (out x r), B starting at zero, and computes
+W x + (alpha / r) B A x: r * (in + out) trainable values per layer. The adapter is saved in peft's format,
+so `PeftModel.from_pretrained(base, run/adapter)` loads it anywhere, and it folds into W for export.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field
 
 from ..schema import Section
+from . import targets as targeting
+from .common import check_head, head_to_train, wrap
 
-# peft's task types decide what the wrapper saves with the adapter (e.g. the new classifier head).
-PEFT_TASK_TYPES = {
-    "sequence-classification": "SEQ_CLS",
-    "causal-lm": "CAUSAL_LM",
-    "masked-lm": None,
-}
+MERGEABLE = True
 
 
-class Config(Section):
-    kind: Literal["lora"] = "lora"
-    """Low-rank adapters on the target layers; the base stays frozen."""
+class LowRank(Section):
+    """The fields lora, dora and qlora share (their configs extend this one; no behaviour lives here)."""
+
+    kind: str
+    """The tuning method."""
     r: int = Field(8, ge=1)
     """Rank of the update matrices."""
     alpha: float = Field(16, gt=0)
     """Scaling numerator: the update is scaled by alpha / r."""
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the adapter's input."""
-    targets: Union[list[str], str] = "all-linear"
-    """Layers to adapt: a list of module names (`query`, `v_proj`; matched at the end of the full name),
-    `all-linear` (every linear layer but the output head), or a regular expression written `re:<pattern>`
-    matched against the full module name."""
+    targets: targeting.Targets = "all-linear"
+    """Layers to adapt: a list of module names (`query`, `v_proj`, `self_attn.o_proj`; each matched at the end of
+    the full name and required to match), `all-linear` (every linear layer of the body, not the task or LM head),
+    or a regular expression written `re:<pattern>`, matched against the whole of each full module name."""
+    layers: targeting.Layers = None
+    """Only adapt target layers inside these transformer blocks: a list of block indices (`[0, 1, -1]`; negative
+    counts from the end) or a slice `start:stop` (`"-4:"` is the last four blocks). null: every block."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train alongside the adapters."""
     train_head: bool = True
-    """Train the task head as well (a new classifier head must train to be useful)."""
+    """Train the new classification head in full (it starts random); a pretrained LM head stays frozen."""
 
 
-def peft_targets(targets: Union[list[str], str]):
-    """Translate our `targets` value into peft's `target_modules` argument."""
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return "all-linear"
-        if targets.startswith("re:"):
-            return targets[3:]
-        return [targets]
-    return list(targets)
+class Config(LowRank):
+    kind: Literal["lora"] = "lora"
+    """Low-rank adapters on the target layers; the base stays frozen."""
 
 
-def apply(model, cfg: Config, head: str):
-    from peft import LoraConfig, get_peft_model
+def check(cfg: LowRank, model_config, head: str) -> None:
+    check_head(head, cfg.train_head)
+    if cfg.layers is not None:
+        n = getattr(model_config, "num_hidden_layers", None)
+        if n:
+            targeting.layer_indices(cfg.layers, n)
 
-    task_type = PEFT_TASK_TYPES.get(head)
-    peft_cfg = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=peft_targets(cfg.targets),
-        bias=cfg.bias,
-        task_type=task_type,
-    )
-    if task_type == "SEQ_CLS" and not cfg.train_head:
-        peft_cfg.modules_to_save = []
-    return get_peft_model(model, peft_cfg)
+
+def peft_config(model, cfg: LowRank, head: str, **extra):
+    """peft's LoraConfig for `model`, targets resolved to full module names."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=targeting.select(model, cfg.targets, cfg.layers), bias=cfg.bias,
+                      modules_to_save=head_to_train(model, head, cfg.train_head), **extra)
+
+
+def apply(model, cfg: Config, head: str, tokenizer=None):
+    return wrap(model, peft_config(model, cfg, head), head)

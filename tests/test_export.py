@@ -1,0 +1,121 @@
+"""`tunesmith export`: a merged transformers folder and GGUF files that compute what the tuned model computed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunesmith.cli import main
+from tiny import make_model_dir, write_config, write_jsonl
+
+TEXT = "the movie was good and the plot was fun . "
+
+
+@pytest.fixture(scope="module")
+def bpe_llama(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama-bpe", "llama-bpe")
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "text"
+    rows = [{"text": (TEXT * 3).strip()} for _ in range(32)]
+    write_jsonl(d / "train.jsonl", rows)
+    write_jsonl(d / "validation.jsonl", rows[:4])
+    write_jsonl(d / "test.jsonl", rows[:4])
+    return d
+
+
+def train(root, model, data, tuning: str, name: str, objective: str = "clm"):
+    cfg = write_config(root / f"{name}.yaml", f"""\
+name: {name}
+model: {model}
+data: {{train: {data}, max_length: 48}}
+tuning: {tuning}
+objective: {{kind: {objective}}}
+train: {{max_steps: 8, batch_size: 8, lr: 1.0e-2, eval_every: 8}}
+eval: {{compare_base: false}}
+""")
+    assert main(["train", str(cfg)]) == 0
+    return root / "runs" / name
+
+
+@pytest.mark.parametrize("tuning", ["{kind: qlora, r: 4, alpha: 8}", "{kind: dora, r: 4, alpha: 8}"])
+def test_merged_export_is_a_plain_transformers_model_with_the_same_outputs(in_tmp, bpe_llama, text_dir, tuning, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = train(in_tmp, bpe_llama, text_dir, tuning, "m")
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "merged", "--prompt", "the plot", "--prompt", "a film"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy output identical on 2/2 prompts" in out
+    report = json.loads((run / "export" / "export-merged.json").read_text())
+    assert report["written"]["max_abs_logit_diff"] < 1e-4 and report["written"]["greedy_match"] == 2
+    if "qlora" in tuning:
+        assert report["reference"] == "4-bit base + adapter"
+    # the folder holds an ordinary checkpoint: no peft, no quantization, loadable by transformers alone
+    folder = run / "export" / "merged"
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k or "base_layer" in k or "absmax" in k or "quant" in k]
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok("the plot")["input_ids"]
+
+
+def test_gguf_export_reads_back_with_transformers(in_tmp, bpe_llama, text_dir, capsys):
+    run = train(in_tmp, bpe_llama, text_dir, "{kind: lora, r: 4, alpha: 8}", "g")
+    for quant in ("f32", "q8_0"):
+        capsys.readouterr()
+        assert main(["export", str(run), "--format", "gguf", "--quant", quant]) == 0
+        report = json.loads((run / "export" / f"export-gguf-{quant}.json").read_text())
+        written = report["written"]
+        assert written["same_tokenization"] == 5, "the tokenizer rebuilt from GGUF metadata splits text differently"
+        if quant == "f32":
+            assert written["max_abs_logit_diff"] < 1e-4 and written["greedy_match"] == 5
+        else:  # 8-bit blocks move logits a little; greedy text of this tiny model is robust to that
+            assert written["max_abs_logit_diff"] < 0.1 and written["greedy_match"] >= 4
+    from gguf import GGUFReader
+
+    reader = GGUFReader(run / "export" / "g-q8_0.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert "output.weight" not in types  # tied to token_embd, as llama.cpp writes it
+
+
+def test_gguf_permutes_q_and_k_like_llama_cpp():
+    """Our permutation followed by transformers' reverse permutation is the identity, for MHA and GQA."""
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from tunesmith.export.gguf import _permute
+
+    w = np.random.default_rng(0).standard_normal((4 * 8, 32)).astype(np.float32)
+    for heads, kv in ((4, 4), (8, 4)):
+        permuted = _permute(w, heads, kv)
+        assert not np.array_equal(permuted, w)
+        back = LlamaTensorProcessor({"num_attention_heads": heads, "num_key_value_heads": kv}) \
+            ._reverse_permute_weights(permuted, heads, kv)
+        assert np.array_equal(back, w)
+
+
+def test_unmergeable_and_unexportable_runs_are_refused(in_tmp, bpe_llama, text_dir, tiny_bert, sentiment_dir, capsys):
+    run = train(in_tmp, bpe_llama, text_dir, "{kind: prompt, tokens: 4}", "p")
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "merged"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt tuning adds virtual tokens" in err and "Traceback" not in err
+    assert not (run / "export").exists()
+
+    run = train(in_tmp, tiny_bert, sentiment_dir, "{kind: lora, r: 4}", "c", objective="classify")
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "gguf"]) == 2
+    assert "GGUF holds language models" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "merged"]) == 0  # a classifier merges fine
+    assert "same predicted class on 5/5 prompts" in capsys.readouterr().out
