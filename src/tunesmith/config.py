@@ -56,6 +56,51 @@ class SplitConfig(Section):
     """Seed of the carving shuffle; defaults to train.seed."""
 
 
+Policy = Literal["error", "warn", "drop", "off"]
+
+
+class LeakageConfig(Section):
+    """Rows of one split that reappear in another (train~validation, train~test, validation~test).
+
+    A drop removes the copies from train (from validation for validation~test), so the test split
+    never changes."""
+
+    exact: Policy = "error"
+    """Copies that are identical after folding case, punctuation and spacing: error refuses to train,
+    warn reports, drop removes the copies, off skips the check."""
+    near: Policy = "warn"
+    """Near copies: word-shingle Jaccard similarity at or above `threshold` (MinHash LSH candidates, each
+    verified exactly)."""
+    threshold: float = Field(0.65, gt=0, le=1)
+    """Jaccard similarity of two rows' word-shingle sets at which they count as near copies (the default
+    and `shingle` come from the study in bench/leakage.py)."""
+    shingle: int = Field(1, ge=1)
+    """Words per shingle: 1 compares sets of words, 2 of word pairs (stricter about order)."""
+    min_words: int = Field(10, ge=1)
+    """Texts shorter than this many words are compared exactly only: short texts that share a stock
+    phrase ("one of the year's best films") look alike without being copies."""
+    num_perm: int = Field(128, ge=16)
+    """MinHash permutations: more find near copies more reliably and cost more time."""
+    examples: int = Field(3, ge=0)
+    """Example pairs shown per finding."""
+
+
+class ChecksConfig(Section):
+    """Checks on the data before training; `tunesmith check CONFIG` runs only these."""
+
+    leakage: LeakageConfig = LeakageConfig()
+    """Exact and near copies between splits, on the whole example and on the prompt alone."""
+    duplicates: Policy = "warn"
+    """Exact and near copies inside one split; drop removes the later copies from train (copies inside
+    validation or test are reported only)."""
+    empty: Policy = "drop"
+    """Rows whose text is blank; drop removes them from whichever split holds them."""
+    truncation: float = Field(0.1, ge=0, le=1)
+    """Warn when more than this fraction of a split's examples is cut at data.max_length."""
+    label_imbalance: float = Field(10, ge=1)
+    """Warn when the most common train label outnumbers the rarest by more than this factor."""
+
+
 class DataConfig(Section):
     train: str
     """Training data: `sample:<name>`, a file (.jsonl .json .csv .tsv .parquet .txt), a folder of split
