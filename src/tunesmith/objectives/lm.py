@@ -1,4 +1,5 @@
-"""Token-level language-model losses shared by the causal objectives (clm, sft, and later dpo/ppo)."""
+"""Token-level language-model losses shared by the LM objectives (clm, sft, mlm, later dpo/ppo) and the
+forgetting probe."""
 
 from __future__ import annotations
 
@@ -28,3 +29,17 @@ def causal_lm_forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(**kwargs).logits
     losses, mask = shifted_token_losses(logits, batch["labels"])
     return losses.sum(-1), mask.sum(-1)
+
+
+def masked_lm_forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss per example and masked-token count per example, for a masked LM batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"]
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="none").view_as(labels)
+    return losses.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+
+
+def lm_losses(model, batch, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed loss and target count for a language-model head (causal-lm or masked-lm)."""
+    return (causal_lm_forward if head == "causal-lm" else masked_lm_forward)(model, batch)
