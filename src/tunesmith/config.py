@@ -117,6 +117,8 @@ class DataConfig(Section):
     """Tokens per example; longer examples are truncated (the data card counts them)."""
     max_rows: dict[Literal["train", "validation", "test"], int] = {}
     """Use at most this many rows of a split, e.g. `{train: 2000}` for a quick run."""
+    checks: ChecksConfig = ChecksConfig()
+    """Leakage, duplicate, empty-row, truncation and label-balance checks, run before training."""
 
 
 class EarlyStoppingConfig(Section):
@@ -167,11 +169,35 @@ class TrainConfig(Section):
     """Early stopping on a validation metric, restoring the best checkpoint at the end."""
 
 
+class ForgettingConfig(Section):
+    """General-domain held-out text scored before and after training.
+
+    Language models report its perplexity, classifiers the drift of their body's representation."""
+
+    enabled: bool = True
+    """Run the probe (it reads the probe text before training, like the task data)."""
+    data: list[str] = ["sample:wiki-demo", "sample:c4-demo"]
+    """Plain text sources with a `text` column; from a folder or sample, `split` is read."""
+    split: str = "test"
+    """Which split of the sources is the probe (replay and EWC read `train`, so the probe stays unseen)."""
+    max_rows: int = Field(64, ge=1)
+    """Texts taken from each source."""
+    max_length: int = Field(256, ge=8)
+    """Tokens per probe text."""
+    max_increase: float = Field(0.1, ge=0)
+    """Language models: warn when the probe's perplexity rises by more than this fraction (0.1: 10%)."""
+    max_drift: float = Field(0.1, ge=0, le=1)
+    """Classifiers: warn when the representation drift (1 - linear CKA) exceeds this."""
+
+
 class EvalConfig(Section):
     metrics: Optional[list[str]] = None
     """Metrics to report (default: all the objective offers)."""
     compare_base: bool = True
-    """Also score the starting model on the test split, so every run reports base vs tuned."""
+    """Also score the starting model on the test and validation splits, so every run reports base vs tuned
+    (and the diagnosis can tell whether training beat the start)."""
+    forgetting: ForgettingConfig = ForgettingConfig()
+    """The catastrophic-forgetting probe."""
 
 
 class OutputConfig(Section):
@@ -191,7 +217,7 @@ class RunConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
     """What is optimised (`kind`: classify, clm)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
-    """How tasks are scheduled (`kind`: single)."""
+    """How tasks are scheduled (`kind`: single, continual)."""
     train: TrainConfig = TrainConfig()
     """The training loop."""
     eval: EvalConfig = EvalConfig()
@@ -220,6 +246,13 @@ class RunConfig(Section):
             if m not in objective.METRICS:
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
                                  f"(choose from {', '.join(objective.METRICS)})")
+        if self.regime.kind == "continual" and objective.HEAD == "sequence-classification":
+            if self.regime.penalty.kind == "ewc":
+                raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
+                                 "general text, which a new classifier head does not have; use l2sp")
+            if self.regime.replay.fraction > 0 and "data" not in self.regime.replay.model_fields_set:
+                raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
+                                 "labels); the default general text has no labels, so name the rows to replay")
         return self
 
 

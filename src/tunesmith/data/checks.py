@@ -126,12 +126,20 @@ def _identity(x):
     return x
 
 
+def signatures(sets: list[frozenset], num_perm: int) -> list:
+    """MinHash signatures of shingle sets (datasketch; the shingles are already 32-bit hashes, so
+    datasketch only permutes them)."""
+    from datasketch import LeanMinHash, MinHash
+
+    return [LeanMinHash(m) for m in MinHash.generator(sets, num_perm=num_perm, seed=1, hashfunc=_identity)]
+
+
 class NearIndex:
     """An LSH index over shingle sets: `add` rows, then `matches` finds those at or above the threshold.
 
     LSH gives candidates (some pairs below the threshold, a few above it missed, as its banding
-    trades off); every candidate is verified on its exact shingle sets, so reported similarities are
-    exact and no pair below the threshold is reported.
+    trades off); every candidate is verified on its shingle sets, so reported similarities are exact
+    Jaccard similarities (of the shingles' 32-bit hashes) and no pair below the threshold is reported.
     """
 
     def __init__(self, threshold: float, num_perm: int):
@@ -141,12 +149,6 @@ class NearIndex:
         # Missing a leak costs more than verifying a few extra candidates: weigh false negatives up.
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.3, 0.7))
         self.sets: dict[int, frozenset] = {}
-
-    def signatures(self, sets: list[frozenset]):
-        from datasketch import LeanMinHash, MinHash
-
-        # shingles are already 32-bit hashes: datasketch only needs to permute them
-        return [LeanMinHash(m) for m in MinHash.generator(sets, num_perm=self.num_perm, seed=1, hashfunc=_identity)]
 
     def add(self, key: int, sig, shingle_set: frozenset) -> None:
         self.lsh.insert(key, sig, check_duplication=False)
@@ -277,7 +279,7 @@ class _Rows:
             # too few words for similarity to mean anything: such texts are compared exactly only
             sets = [shingles(t, self.leak.shingle) if len(t.split()) >= self.leak.min_words else frozenset()
                     for t in (k.get(view, "") for k in self.keys[name])]
-            self._sketches[name, view] = (sets, NearIndex(self.leak.threshold, self.leak.num_perm).signatures(sets))
+            self._sketches[name, view] = (sets, signatures(sets, self.leak.num_perm))
         return self._sketches[name, view]
 
     def index(self, name: str, view: str) -> tuple[NearIndex, dict[str, list[int]]]:

@@ -78,6 +78,9 @@ def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict[str, Split]:
 
     pool = read_rows(cfg.replay.data, cfg.replay.split, where="regime.replay.data")
     want = round(train_rows * cfg.replay.fraction / (1 - cfg.replay.fraction))
+    if want > len(pool.rows):
+        print(f"replay: {want} rows wanted for a fraction of {cfg.replay.fraction}, but {pool.source} holds "
+              f"{len(pool.rows)}; replaying all of them ({len(pool.rows) / (train_rows + len(pool.rows)):.0%} of the mix)")
     picked = sorted(random.Random(seed).sample(range(len(pool.rows)), min(want, len(pool.rows))))
     return {"replay": pool.subset(picked)}
 
