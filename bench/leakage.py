@@ -56,7 +56,7 @@ def small_edit(text: str, rng: random.Random, vocab: list[str], n: int) -> str:
 
 def cosmetic(text: str, rng: random.Random) -> str:
     """The same text as far as normalisation goes: case, spacing or punctuation changed."""
-    return rng.choice([text, text.lower(), text.upper(), text.replace(",", "").replace(".", ""), f"  {text}  "])
+    return rng.choice([text, text.lower(), text.upper(), text.rstrip(".!?") + "!!", f"  {text}  "])
 
 
 def plant(splits: dict[str, Split], seed: int, share: float = 0.05):
