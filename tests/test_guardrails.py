@@ -137,14 +137,18 @@ def test_forgetting_probe_measures_general_text_before_and_after(in_tmp, tiny_ll
     assert f["relative"] > 0.1 and f["warning"] and "forgetting general knowledge" in f["message"]
 
 
-def test_replay_and_l2sp_reduce_forgetting(in_tmp, tiny_llama, probe_dir):
+def test_replay_l2sp_and_ewc_reduce_forgetting(in_tmp, tiny_llama, probe_dir):
     plain = _clm_run(in_tmp, tiny_llama, probe_dir, "plain")["forgetting"]["relative"]
     replay = _clm_run(in_tmp, tiny_llama, probe_dir, "replay",
                       f"regime: {{kind: continual, replay: {{fraction: 0.3, data: [{probe_dir}]}}}}\n")
     l2sp = _clm_run(in_tmp, tiny_llama, probe_dir, "l2sp",
                     "regime: {kind: continual, penalty: {kind: l2sp, weight: 1.0}}\n")
+    ewc = _clm_run(in_tmp, tiny_llama, probe_dir, "ewc",
+                   f"regime: {{kind: continual, penalty: {{kind: ewc, weight: 1.0, fisher_data: [{probe_dir}], "
+                   f"fisher_rows: 16}}}}\n")
     assert replay["forgetting"]["relative"] < plain / 2
     assert l2sp["forgetting"]["relative"] < plain / 2
+    assert ewc["forgetting"]["relative"] < plain / 2
     card = read(in_tmp / "runs" / "replay", "data_card.json")
     assert card["replay"]["rows"] == round(64 * 0.3 / 0.7)  # replay is 30% of train + replay
     lines = [json.loads(l) for l in (in_tmp / "runs" / "l2sp" / "metrics.jsonl").read_text().splitlines()]
@@ -205,3 +209,24 @@ def test_replay_rows_are_seeded_and_a_fraction_of_the_mix(probe_dir):
     assert a.where(0).startswith(str(probe_dir / "train.jsonl") + ":")  # each row knows its file and line
     # fewer rows in the sources than asked: all of them
     assert len(continual.extra_splits(cfg, train_rows=1000, seed=0)["replay"].rows) == 64
+
+
+def test_masked_lm_probe_masks_a_fixed_share_and_scores_only_masked_tokens(tiny_bert, probe_dir):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from tunesmith.config import ForgettingConfig
+    from tunesmith.data.collate import IGNORE_INDEX
+    from tunesmith.evaluate.forgetting import load_probe, measure
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    cfg = ForgettingConfig(data=[str(probe_dir)], max_length=32)
+    probe = load_probe(cfg, tok, "masked-lm")
+    assert probe.examples == load_probe(cfg, tok, "masked-lm").examples  # the same mask every time
+    for ex in probe.examples:
+        targets = [i for i, y in enumerate(ex["labels"]) if y != IGNORE_INDEX]
+        assert len(targets) == round(0.15 * (len(ex["input_ids"]) - 2))  # [CLS] and [SEP] are never masked
+        assert all(ex["input_ids"][i] == tok.mask_token_id for i in targets)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert)
+    scores = measure(model, probe, tok.pad_token_id, 8, "cpu")
+    assert scores["perplexity"] == pytest.approx(torch.tensor(scores["loss"]).exp().item(), rel=1e-5)
+    assert 1 < scores["perplexity"] < 10 * len(tok)  # a random model: about the vocabulary size

@@ -101,8 +101,10 @@ def compare(before: dict, after: dict, cfg, probe: Probe) -> dict:
                 f"({rel:+.1%})")
         limit = f"above eval.forgetting.max_increase={cfg.max_increase:.0%}"
     if out["warning"]:
-        text += (f", {limit}: the model is forgetting general knowledge; consider regime: {{kind: continual, "
-                 f"replay: {{fraction: 0.2}}}} or a penalty (l2sp, ewc), a lower lr, or a tuning that trains less "
-                 f"(lora, freeze)")
+        mitigation = ("regime: {kind: continual, penalty: {kind: l2sp}} (or replay of an earlier task's rows)"
+                      if probe.head == "sequence-classification" else
+                      "regime: {kind: continual, replay: {fraction: 0.2}} or a penalty (l2sp, ewc)")
+        text += (f", {limit}: the model is forgetting general knowledge; consider {mitigation}, a lower lr, or a "
+                 f"tuning that trains less (lora, freeze)")
     out["message"] = text
     return out
