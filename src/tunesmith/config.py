@@ -186,8 +186,8 @@ class ForgettingConfig(Section):
     """Tokens per probe text."""
     max_increase: float = Field(0.1, ge=0)
     """Language models: warn when the probe's perplexity rises by more than this fraction (0.1: 10%)."""
-    max_drift: float = Field(0.1, ge=0, le=1)
-    """Classifiers: warn when the representation drift (1 - linear CKA) exceeds this."""
+    max_drift: float = Field(0.2, ge=0, le=1)
+    """Classifiers: warn when the representation drift (1 - linear CKA, mean over layers) exceeds this."""
 
 
 class EvalConfig(Section):

@@ -3,12 +3,14 @@
 What is measured depends on the head, not on the objective, so every objective gets a probe:
   causal-lm                perplexity of the text (next-token loss over every token)
   masked-lm                perplexity of a fixed, seeded 15% of the tokens, masked
-  sequence-classification  drift of the body's representation of the text: 1 - linear CKA
-                           (Kornblith et al., 2019) between the mean-pooled last hidden states of the
-                           starting and the tuned model (0: the same geometry; grows as features change)
+  sequence-classification  drift of the body's representation of the text: per layer, 1 - linear CKA
+                           (Kornblith et al., 2019) between the mean-pooled hidden states of the starting
+                           and the tuned model (0: the same geometry; grows as features change), and its
+                           mean over layers (fine-tuning reshapes the top layers most, the lower ones little)
 
 A language model's probe reports the relative perplexity increase and warns above
-`eval.forgetting.max_increase`; a classifier's reports the drift and warns above `max_drift`.
+`eval.forgetting.max_increase`; a classifier's reports the drift and warns when its mean over layers
+exceeds `max_drift`.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def measure(model, probe: Probe, pad_id: int, batch_size: int, device) -> dict:
         if probe.head == "sequence-classification":
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
             mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (out.hidden_states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
-            for i, row in zip(idx, pooled.cpu()):
+            pooled = torch.stack([(h.float() * mask).sum(1) / mask.sum(1).clamp(min=1) for h in out.hidden_states], 1)
+            for i, row in zip(idx, pooled.cpu()):  # (layers, hidden) per text
                 features[i] = row
         else:
             sums, counts = lm_losses(model, batch, probe.head)
@@ -66,7 +68,7 @@ def measure(model, probe: Probe, pad_id: int, batch_size: int, device) -> dict:
             count += int(counts.sum())
     model.train(was_training)
     if probe.head == "sequence-classification":
-        return {"features": torch.stack(features)}
+        return {"features": torch.stack(features)}  # (texts, layers, hidden)
     from .metrics import perplexity
 
     mean = loss_sum / max(count, 1)
@@ -85,11 +87,16 @@ def compare(before: dict, after: dict, cfg, probe: Probe) -> dict:
     """The probe's delta between the starting and the tuned model, with a warning past the threshold."""
     where = f"{', '.join(probe.sources)} ({cfg.split}, {len(probe.examples)} texts, {probe.tokens:,d} tokens)"
     if probe.head == "sequence-classification":
-        drift = 1 - linear_cka(before["features"], after["features"])
-        cosine = float(torch.nn.functional.cosine_similarity(before["features"], after["features"], dim=-1).mean())
-        out = {"measure": "representation drift (1 - linear CKA)", "probe": where, "drift": round(drift, 4),
-               "mean_cosine": round(cosine, 4), "threshold": cfg.max_drift, "warning": drift > cfg.max_drift}
-        text = f"representation drift on general text {drift:.3f} (mean cosine to the start {cosine:.3f})"
+        a, b = before["features"], after["features"]
+        layers = [1 - linear_cka(a[:, k], b[:, k]) for k in range(a.shape[1])]
+        drift = sum(layers) / len(layers)
+        cosine = float(torch.nn.functional.cosine_similarity(a[:, -1], b[:, -1], dim=-1).mean())
+        out = {"measure": "representation drift (1 - linear CKA), mean over layers", "probe": where,
+               "drift": round(drift, 4), "drift_last_layer": round(layers[-1], 4),
+               "per_layer": [round(d, 4) for d in layers], "mean_cosine_last_layer": round(cosine, 4),
+               "threshold": cfg.max_drift, "warning": drift > cfg.max_drift}
+        text = (f"representation drift on general text {drift:.3f} (mean over {len(layers)} layers; last layer "
+                f"{layers[-1]:.3f})")
         limit = f"above eval.forgetting.max_drift={cfg.max_drift}"
     else:
         rel = after["perplexity"] / before["perplexity"] - 1
