@@ -3,10 +3,6 @@ like a finished run."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
 from tunesmith.cli import main
 from tiny import classify_config, sentiment_rows, write_jsonl
 
@@ -90,32 +86,3 @@ def test_hub_id_offline_fails_fast_naming_samples(in_tmp, capsys, monkeypatch):
     assert time.perf_counter() - start < 10
     assert "'someorg/some-model' is not a local folder" in err and "sample:minilm-l6" in err
     assert_no_finished_run(in_tmp)
-
-
-def test_divergence_stops_with_failed_status(in_tmp, tiny_bert, capsys, monkeypatch):
-    """A NaN loss stops the run with a clear message; the folder says failed, not finished."""
-    import torch
-
-    from tunesmith.objectives import classify
-
-    real, calls = classify.loss, {"n": 0}
-
-    def poisoned(model, batch, cfg):
-        out = real(model, batch, cfg)
-        calls["n"] += 1
-        if calls["n"] > 14:
-            out.total = out.total * torch.tensor(float("nan"))
-        return out
-
-    monkeypatch.setattr(classify, "loss", poisoned)
-    cfg = classify_config(in_tmp / "c.yaml", tiny_bert, data_dir(in_tmp))
-    err = run_cli(["train", str(cfg)], capsys)
-    assert "training loss became nan at step 15" in err and "--resume" in err
-    run = in_tmp / "runs" / "tiny"
-    assert json.loads((run / "status.json").read_text())["state"] == "failed"
-    assert (run / "checkpoints" / "last" / "state.json").exists()  # the last good checkpoint is kept
-    assert_no_finished_run(in_tmp)
-    # an unfinished run is not silently overwritten or resumed
-    monkeypatch.setattr(classify, "loss", real)
-    err = run_cli(["train", str(cfg)], capsys)
-    assert "unfinished run (status: failed)" in err and "--resume" in err

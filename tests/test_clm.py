@@ -11,7 +11,7 @@ from tunesmith.cli import main
 from tunesmith.config import DataConfig
 from tunesmith.data.sources import Split
 from tunesmith.objectives import clm
-from tiny import write_config, write_jsonl
+from tiny import patterned_rows, write_config, write_jsonl
 
 
 def test_eos_is_a_target_even_when_pad_equals_eos(tiny_llama):
@@ -31,19 +31,18 @@ def test_eos_is_a_target_even_when_pad_equals_eos(tiny_llama):
 
 
 def test_clm_training_lowers_held_out_perplexity(in_tmp, tiny_llama, capsys):
-    text = "the movie was good and the plot was fun . "
-    rows = [{"text": (text * 3).strip()} for _ in range(64)]
     d = in_tmp / "d"
-    write_jsonl(d / "train.jsonl", rows)
-    write_jsonl(d / "validation.jsonl", rows[:8])
-    write_jsonl(d / "test.jsonl", rows[:8])
+    write_jsonl(d / "train.jsonl", patterned_rows(64, 1))
+    write_jsonl(d / "validation.jsonl", patterned_rows(8, 2))
+    write_jsonl(d / "test.jsonl", patterned_rows(8, 3))
     cfg = write_config(in_tmp / "c.yaml", f"""\
 name: clm
 model: {tiny_llama}
 data: {{train: {d}, max_length: 64}}
 tuning: {{kind: full}}
 objective: {{kind: clm}}
-train: {{epochs: 3, batch_size: 8, lr: 3.0e-3}}
+train: {{epochs: 6, batch_size: 8, lr: 3.0e-3}}
+eval: {{forgetting: {{enabled: false}}}}
 """)
     assert main(["train", str(cfg)]) == 0
     summary = json.loads((in_tmp / "runs" / "clm" / "summary.json").read_text())
@@ -53,7 +52,13 @@ train: {{epochs: 3, batch_size: 8, lr: 3.0e-3}}
     capsys.readouterr()
     assert main(["generate", str(in_tmp / "runs" / "clm"), "the movie was", "--json", "--max-new-tokens", "6"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["answer"].startswith("good and")
+    # the same as greedy decoding straight from the raw prompt's tokens: no template wrapped around it
+    from tunesmith.trained import load_trained
+
+    t = load_trained(in_tmp / "runs" / "clm")
+    ids = t.tokenizer("the movie was", return_tensors="pt").input_ids
+    raw = t.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert out["answer"] == t.tokenizer.decode(raw, skip_special_tokens=True).strip()
 
 
 def test_blocks_keep_every_token_and_pack_keeps_documents_apart(tiny_llama):

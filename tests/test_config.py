@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tunesmith.config import dump, load_config
@@ -134,3 +136,11 @@ def test_config_reference_in_docs_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == config_reference(), "run: tunesmith schema > docs/config.md"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_loads_and_starts_with_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first in (f"# tunesmith train examples/{path.name}", f"# tunesmith plan examples/{path.name}"), first
+    load_config(path)

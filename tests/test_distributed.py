@@ -19,6 +19,7 @@ def test_two_processes_match_one_process_with_accumulation(in_tmp, tiny_bert, se
     cfg = write_config(in_tmp / "c.yaml", f"""\
 model: {{name: {tiny_bert}, config: {{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}}}
 data: {{train: {sentiment_dir}}}
+eval: {{forgetting: {{enabled: false}}}}
 tuning: {{kind: full}}
 train: {{epochs: 2, batch_size: 8, lr: 3.0e-3, eval_every: 12, log_every: 4, early_stopping: {{enabled: false}}}}
 """)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from tunesmith.cli import main
-from tiny import make_model_dir, write_config, write_jsonl
+from tiny import make_model_dir, patterned_rows, write_config, write_jsonl
 
-TEXT = "the movie was good and the plot was fun . "
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +20,9 @@ def bpe_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data") / "text"
-    rows = [{"text": (TEXT * 3).strip()} for _ in range(32)]
-    write_jsonl(d / "train.jsonl", rows)
-    write_jsonl(d / "validation.jsonl", rows[:4])
-    write_jsonl(d / "test.jsonl", rows[:4])
+    write_jsonl(d / "train.jsonl", patterned_rows(32, 1))
+    write_jsonl(d / "validation.jsonl", patterned_rows(4, 2))
+    write_jsonl(d / "test.jsonl", patterned_rows(4, 3))
     return d
 
 
@@ -36,7 +34,7 @@ data: {{train: {data}, max_length: 48}}
 tuning: {tuning}
 objective: {{kind: {objective}}}
 train: {{max_steps: 8, batch_size: 8, lr: 1.0e-2, eval_every: 8}}
-eval: {{compare_base: false}}
+eval: {{compare_base: false, forgetting: {{enabled: false}}}}
 """)
     assert main(["train", str(cfg)]) == 0
     return root / "runs" / name

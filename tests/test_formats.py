@@ -75,7 +75,7 @@ def test_format_can_be_forced_and_columns_mapped(in_tmp, tiny_llama, instruction
     write_jsonl(in_tmp / "qa.jsonl", rows)
     cfg = load_config(sft_config(in_tmp / "c.yaml", tiny_llama, in_tmp / "qa.jsonl"),
                       ["data.columns={prompt: question, completion: answer}", "data.format=prompt_completion"])
-    prepared = prepare_data(cfg, load_tokenizer(cfg.model))
+    prepared, _ = prepare_data(cfg, load_tokenizer(cfg.model))
     assert prepared.card["train"]["format"] == "prompt_completion"
     assert prepared.prompts["test"][0]["messages"][0]["role"] == "user"
 

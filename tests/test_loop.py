@@ -1,9 +1,8 @@
-"""The training loop's invariants: batching, schedules, and exact gradient accumulation."""
+"""The training loop's parts: batching and schedules (exact accumulation, seeds and NaN: test_invariants.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tunesmith.train.batches import eval_batches, shard, train_batches
 from tunesmith.train.schedule import lr_lambda, warmup_steps
@@ -55,33 +54,3 @@ def test_cosine_ends_at_zero_and_warmup_fraction():
     f = lr_lambda("cosine", 0, 100)
     assert f(0) == pytest.approx(1.0) and f(50) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
     assert warmup_steps(0.1, 250) == 25 and warmup_steps(30, 250) == 30
-
-
-def _grads_after_step(model_dir, examples, batch_size, accum):
-    from accelerate import Accelerator
-    from transformers import AutoModelForSequenceClassification
-
-    from tunesmith.objectives import classify
-    from tunesmith.train.loop import _step
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    model.eval()  # no dropout: the two ways must see the same function
-    window = [list(range(s, s + batch_size)) for s in range(0, len(examples), batch_size)][:accum]
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss, count = _step(model, classify, classify.Config(), examples, window, 0, Accelerator(cpu=True), params)
-    return loss / count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_gradient_accumulation_equals_the_large_batch(tiny_bert):
-    """4 micro-batches of 3 (uneven lengths) give the same update as one batch of 12."""
-    import random
-
-    rng = random.Random(0)
-    examples = [{"input_ids": [2] + [rng.randrange(5, 60) for _ in range(rng.randint(2, 12))] + [3],
-                 "labels": rng.randrange(2)} for _ in range(12)]
-    loss_big, big = _grads_after_step(tiny_bert, examples, 12, 1)
-    loss_acc, acc = _grads_after_step(tiny_bert, examples, 3, 4)
-    assert loss_big == pytest.approx(loss_acc, rel=1e-5)
-    for name in big:
-        torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=1e-6)

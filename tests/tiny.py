@@ -113,6 +113,18 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def patterned_rows(n: int, seed: int) -> list[dict]:
+    """Plain text for causal LMs: sentences of one pattern with random fillers; learnable, and no two
+    rows alike (so train, validation and test do not leak)."""
+    rng, nouns = random.Random(seed), "movie film story plot scene actor".split()
+
+    def sentence():
+        return (f"the {rng.choice(nouns)} was {rng.choice(POSITIVE + NEGATIVE)} and the {rng.choice(nouns)} was "
+                f"{rng.choice(POSITIVE + NEGATIVE)} .")
+
+    return [{"text": " ".join(sentence() for _ in range(3))} for _ in range(n)]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -124,6 +136,34 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+NO_PROBE = "forgetting: {enabled: false}"
+"""Unit tests never read the packaged general-text samples: the forgetting probe is off unless a test
+turns it on with its own probe file."""
+
+
+def with_eval(extra: str, eval_keys: str = NO_PROBE) -> str:
+    """`extra` config text with `eval_keys` added to its `eval: {...}` line (or as a new one); a test that
+    configures the probe itself keeps its own."""
+    if "forgetting:" in extra:
+        return extra
+    if "eval: {" in extra:
+        return extra.replace("eval: {", f"eval: {{{eval_keys}, ", 1)
+    return extra + f"eval: {{{eval_keys}}}\n"
+
+
+def clm_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: full}", extra: str = "") -> Path:
+    """A small causal-LM run config on plain text (e.g. `patterned_rows`)."""
+    text = f"""\
+name: tiny
+model: {model}
+data: {{train: {data}, max_length: 64}}
+tuning: {tuning}
+objective: {{kind: clm}}
+train: {{epochs: 3, batch_size: 8, lr: 3.0e-3, eval_every: 8, log_every: 4, seed: 0}}
+{with_eval(extra)}"""
+    return write_config(path, text)
+
+
 def classify_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: full}", extra: str = "") -> Path:
     """A small classification run config: the tiny task learns in about 60 steps at this lr."""
     text = f"""\
@@ -133,7 +173,7 @@ data: {{train: {data}, max_length: 32}}
 tuning: {tuning}
 objective: {{kind: classify}}
 train: {{epochs: 5, batch_size: 16, lr: 3.0e-3, eval_every: 12, log_every: 4, seed: 0}}
-{extra}"""
+{with_eval(extra)}"""
     return write_config(path, text)
 
 

@@ -24,6 +24,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .config import load_config
+    from .run import check_data
+
+    check_data(load_config(args.config, args.overrides))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .config import load_config
     from .plan import plan, render
@@ -157,6 +165,7 @@ def cmd_schema(args) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "check": cmd_check,
     "plan": cmd_plan,
     "eval": cmd_eval,
     "predict": cmd_predict,
@@ -179,6 +188,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4 tuning.r=16")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     s.add_argument("--force", action="store_true", help="overwrite an existing run folder of the same name")
+
+    s = sub.add_parser("check", help="run only the data checks: leakage, duplicates, empty rows, truncation, "
+                                     "label balance (exit status 2 when a check under the error policy fails)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
 
     s = sub.add_parser("plan", help="count parameters and estimate memory, without loading weights")
     s.add_argument("config")

@@ -56,6 +56,51 @@ class SplitConfig(Section):
     """Seed of the carving shuffle; defaults to train.seed."""
 
 
+Policy = Literal["error", "warn", "drop", "off"]
+
+
+class LeakageConfig(Section):
+    """Rows of one split that reappear in another (train~validation, train~test, validation~test).
+
+    A drop removes the copies from train (from validation for validation~test), so the test split
+    never changes."""
+
+    exact: Policy = "error"
+    """Copies that are identical after folding case, punctuation and spacing: error refuses to train,
+    warn reports, drop removes the copies, off skips the check."""
+    near: Policy = "warn"
+    """Near copies: word-shingle Jaccard similarity at or above `threshold` (MinHash LSH candidates, each
+    verified exactly)."""
+    threshold: float = Field(0.65, gt=0, le=1)
+    """Jaccard similarity of two rows' word-shingle sets at which they count as near copies (the default
+    and `shingle` come from the study in bench/leakage.py)."""
+    shingle: int = Field(1, ge=1)
+    """Words per shingle: 1 compares sets of words, 2 of word pairs (stricter about order)."""
+    min_words: int = Field(10, ge=1)
+    """Texts shorter than this many words are compared exactly only: short texts that share a stock
+    phrase ("one of the year's best films") look alike without being copies."""
+    num_perm: int = Field(128, ge=16)
+    """MinHash permutations: more find near copies more reliably and cost more time."""
+    examples: int = Field(3, ge=0)
+    """Example pairs shown per finding."""
+
+
+class ChecksConfig(Section):
+    """Checks on the data before training; `tunesmith check CONFIG` runs only these."""
+
+    leakage: LeakageConfig = LeakageConfig()
+    """Exact and near copies between splits, on the whole example and on the prompt alone."""
+    duplicates: Policy = "warn"
+    """Exact and near copies inside one split; drop removes the later copies from train (copies inside
+    validation or test are reported only)."""
+    empty: Policy = "drop"
+    """Rows whose text is blank; drop removes them from whichever split holds them."""
+    truncation: float = Field(0.1, ge=0, le=1)
+    """Warn when more than this fraction of a split's examples is cut at data.max_length."""
+    label_imbalance: float = Field(10, ge=1)
+    """Warn when the most common train label outnumbers the rarest by more than this factor."""
+
+
 class DataConfig(Section):
     train: str
     """Training data: `sample:<name>`, a file (.jsonl .json .csv .tsv .parquet .txt), a folder of split
@@ -74,6 +119,8 @@ class DataConfig(Section):
     """Use at most this many rows of a split, e.g. `{train: 2000}` for a quick run."""
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = "auto"
     """Row format for generative objectives (see docs/formats.md); auto detects it from the first row."""
+    checks: ChecksConfig = ChecksConfig()
+    """Leakage, duplicate, empty-row, truncation and label-balance checks, run before training."""
 
 
 class EarlyStoppingConfig(Section):
@@ -144,6 +191,27 @@ class GenerateConfig(Section):
     are short (median 10 words or fewer). The stop rate is always reported."""
 
 
+class ForgettingConfig(Section):
+    """General-domain held-out text scored before and after training.
+
+    Language models report its perplexity, classifiers the drift of their body's representation."""
+
+    enabled: bool = True
+    """Run the probe (it reads the probe text before training, like the task data)."""
+    data: list[str] = ["sample:wiki-demo", "sample:c4-demo"]
+    """Plain text sources with a `text` column; from a folder or sample, `split` is read."""
+    split: str = "test"
+    """Which split of the sources is the probe (replay and EWC read `train`, so the probe stays unseen)."""
+    max_rows: int = Field(64, ge=1)
+    """Texts taken from each source."""
+    max_length: int = Field(256, ge=8)
+    """Tokens per probe text."""
+    max_increase: float = Field(0.1, ge=0)
+    """Language models: warn when the probe's perplexity rises by more than this fraction (0.1: 10%)."""
+    max_drift: float = Field(0.2, ge=0, le=1)
+    """Classifiers: warn when the representation drift (1 - linear CKA, mean over layers) exceeds this."""
+
+
 class EvalConfig(Section):
     metrics: Optional[list[str]] = None
     """Metrics to report (default: all the objective offers)."""
@@ -151,6 +219,12 @@ class EvalConfig(Section):
     """Also score the starting model on the test split, so every run reports base vs tuned."""
     generate: GenerateConfig = GenerateConfig()
     """Generation settings: for sft's generation metrics, and the defaults of generate, chat and compare."""
+
+
+    """Also score the starting model on the test and validation splits, so every run reports base vs tuned
+    (and the diagnosis can tell whether training beat the start)."""
+    forgetting: ForgettingConfig = ForgettingConfig()
+    """The catastrophic-forgetting probe."""
 
 
 class OutputConfig(Section):
@@ -170,7 +244,7 @@ class RunConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
     """What is optimised (`kind`: classify, clm, mlm, sft)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
-    """How tasks are scheduled (`kind`: single)."""
+    """How tasks are scheduled (`kind`: single, continual)."""
     train: TrainConfig = TrainConfig()
     """The training loop."""
     eval: EvalConfig = EvalConfig()
@@ -200,6 +274,13 @@ class RunConfig(Section):
             if m not in offered:
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
                                  f"(choose from {', '.join(offered)})")
+        if self.regime.kind == "continual" and objective.HEAD == "sequence-classification":
+            if self.regime.penalty.kind == "ewc":
+                raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
+                                 "general text, which a new classifier head does not have; use l2sp")
+            if self.regime.replay.fraction > 0 and "data" not in self.regime.replay.model_fields_set:
+                raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
+                                 "labels); the default general text has no labels, so name the rows to replay")
         return self
 
 

@@ -1,13 +1,15 @@
 """One fine-tuning run, top to bottom:
 
-config -> data (read, split, tokenize, data card) -> run folder -> model (load, tune)
-       -> base score -> train -> evaluate -> artifacts (weights, summary)
+config -> data (read, split, replay rows, checks, tokenize, data card) -> probe text -> run folder
+       -> model (load, tune) -> base scores, probe before, penalty anchor -> train
+       -> evaluate, probe after, diagnosis -> artifacts (weights, summary)
 
 Objectives that generate (sft) also have base and tuned model answer held-out prompts once, before
 and after training, for generation metrics and a side-by-side report (compare.md / .html).
 
-Everything that can be wrong with the input is checked before the run folder is touched, so a
-bad config or bad data never leaves a folder that looks like a run.
+Everything that can be wrong with the input is checked before the run folder is touched (the data
+checks included: leakage under the `error` policy refuses here), so a bad config or bad data never
+leaves a folder that looks like a run.
 """
 
 from __future__ import annotations
@@ -21,14 +23,19 @@ from transformers import set_seed
 
 from . import artifacts
 from .config import RunConfig, dump
+from .data.checks import Report, check_card, check_rows, raise_for_errors
 from .data.load import load_splits
+from .evaluate import forgetting
 from .evaluate.compare import side_by_side, write_report
+from .evaluate.diagnose import diagnose, read_history, update_size
 from .evaluate.generation import Generation, evaluate_generation
 from .evaluate.score import evaluate
 from .models.load import load_tokenizer
 from .models.params import count_parameters, format_parameters
 from .objectives import OBJECTIVES
 from .objectives.lm import check_packing
+from .regimes import REGIMES
+from .train.checkpoint import trainable_state
 from .train.loop import fit
 from .tuning import TUNINGS
 from .tuning.common import check_before_loading, load_base
@@ -52,9 +59,31 @@ def precision_and_dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
 
 
 def prepare_data(cfg: RunConfig, tokenizer):
-    objective = OBJECTIVES[cfg.objective.kind]
+    """Splits (plus the regime's replay rows) -> data checks -> tokenized examples and the data card.
+
+    Returns (prepared, report); the caller decides what a failed check means (see `raise_for_errors`).
+    Replay rows are checked and tokenized as their own split, then join train.
+    """
+    objective, regime = OBJECTIVES[cfg.objective.kind], REGIMES[cfg.regime.kind]
     splits = load_splits(cfg.data, cfg.train.seed)
-    return objective.prepare(splits, tokenizer, cfg.objective, cfg.data)
+    splits.update(regime.extra_splits(cfg.regime, len(splits["train"].rows), cfg.train.seed))
+    splits, report = check_rows(splits, cfg.data.checks)
+    prepared = objective.prepare(splits, tokenizer, cfg.objective, cfg.data)
+    report.findings += check_card(prepared.card, cfg.data.checks, cfg.data.max_length)
+    prepared.card["checks"] = report.to_dict()
+    if "replay" in prepared.examples:
+        prepared.examples["train"] = prepared.examples["train"] + prepared.examples.pop("replay")
+    return prepared, report
+
+
+def check_data(cfg: RunConfig) -> Report:
+    """`tunesmith check`: the data checks alone (reads the tokenizer, not the model)."""
+    tokenizer = load_tokenizer(cfg.model)
+    prepared, report = prepare_data(cfg, tokenizer)
+    print_card(prepared.card)
+    print(report.render())
+    raise_for_errors(report)
+    return report
 
 
 def generation_items(cfg: RunConfig, objective, prepared) -> list[dict]:
@@ -66,7 +95,7 @@ def generation_items(cfg: RunConfig, objective, prepared) -> list[dict]:
 
 def print_card(card: dict) -> None:
     print("data card")
-    for split in ("train", "validation", "test"):
+    for split in ("train", "validation", "test", "replay"):
         info = card.get(split)
         if not info:
             continue
@@ -86,6 +115,14 @@ def print_comparison(base: dict | None, tuned: dict) -> None:
         print(f"{key:<12}{b:>10}{value:>10.4f}")
 
 
+def print_diagnosis(diagnosis: dict, forgot: dict | None) -> None:
+    print(f"\n{diagnosis['early_stopping']['message']}")
+    if forgot:
+        print(("warning: " if forgot["warning"] else "") + f"forgetting: {forgot['message']}")
+    for line in diagnosis["warnings"]:
+        print(f"warning: {line}")
+
+
 def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     """Run the whole flow. Under torchrun / accelerate launch every process runs this function;
     only the main process writes to the run folder and prints."""
@@ -97,15 +134,18 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     accelerator = Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
 
-    # 1. Everything checkable before the run folder exists: config, data, tokenizer, labels, and the
-    #    tuning on this architecture (from the model's config and a meta-device build: no weights read).
-    #    Every process checks, so a bad input stops them all the same way.
+    # 1. Everything checkable before the run folder exists: config, data and its checks, tokenizer,
+    #    labels, the probe text, and the tuning on this architecture (from the model's config and a
+    #    meta-device build: no weights read). Every process checks, so a bad input stops them all alike.
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
     tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare_data(cfg, tokenizer)
-    check_before_loading(cfg, prepared.model_kwargs)
+    prepared, report = prepare_data(cfg, tokenizer)
     if main:
         print_card(prepared.card)
+        print(report.render())
+    raise_for_errors(report)
+    probe = forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
+    check_before_loading(cfg, prepared.model_kwargs)
 
     # 2. The run folder, marked as running until summary.json is written.
     if main:
@@ -118,7 +158,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         artifacts.write_json(run_dir / "data_card.json", prepared.card)
     accelerator.wait_for_everyone()
     try:
-        summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, resume, started, accelerator, dtype)
+        summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started,
+                            accelerator, dtype)
     except BaseException as e:
         if main:
             artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
@@ -126,8 +167,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     return summary
 
 
-def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, resume: bool,
-              started: float, accelerator, dtype: torch.dtype) -> dict:
+def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, report: Report, probe,
+              resume: bool, started: float, accelerator, dtype: torch.dtype) -> dict:
     say = accelerator.print
     chat = prepared.chat
     if chat is not None and chat.template is not None:
@@ -143,31 +184,38 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
 
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    test = prepared.examples.get("test")
     gen_items = generation_items(cfg, objective, prepared)
-    base, base_answers, gen_seconds = None, None, {}
-    if cfg.eval.compare_base and test:
+    base, base_answers, gen_seconds = None, None, {}  # base: the starting model's scores per held-out split
+    held_out = [s for s in ("test", "validation") if prepared.examples.get(s)]
+    if cfg.eval.compare_base and held_out:
         base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
         if resume and base_file.exists():
             base = artifacts.read_json(base_file)
             base_answers = [Generation(**g) for g in artifacts.read_json(answers_file)] if gen_items else None
         else:
-            base = evaluate(model, objective, cfg.objective, test, eval_bs, pad_id, accelerator, "base test")
-            if gen_items:
+            base = {s: evaluate(model, objective, cfg.objective, prepared.examples[s], eval_bs, pad_id, accelerator,
+                                f"base {s}") for s in held_out}
+            if gen_items and "test" in base:
                 say(f"base model answering {len(gen_items)} test prompts ...")
                 tick = time.perf_counter()
                 scores, base_answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
                 gen_seconds["base"] = round(time.perf_counter() - tick, 1)
-                base.update(scores)
+                base["test"].update(scores)
                 if accelerator.is_main_process:
                     artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
             if accelerator.is_main_process:
                 artifacts.write_json(base_file, base)
-        say("base test " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+        for s, scores in base.items():
+            say(f"base {s} " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    # The model holds its starting weights here (a resumed run loads its checkpoint inside fit).
+    probe_before = forgetting.measure(model, probe, pad_id, eval_bs, accelerator.device) if probe else None
+    start = trainable_state(model)
+    penalty = REGIMES[cfg.regime.kind].make_penalty(cfg.regime, model, objective.HEAD, tokenizer, accelerator.device)
 
     trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
                   train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),
-                  cfg=cfg.train, pad_id=pad_id, run_dir=run_dir, accelerator=accelerator, resume=resume)
+                  cfg=cfg.train, pad_id=pad_id, run_dir=run_dir, accelerator=accelerator, resume=resume,
+                  penalty=penalty)
     model = accelerator.unwrap_model(model)
 
     results = {}
@@ -182,16 +230,28 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         scores, answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
         gen_seconds["tuned"] = round(time.perf_counter() - tick, 1)
         results["test"].update(scores)
+    forgot = None
+    if probe:
+        after = forgetting.measure(model, probe, pad_id, eval_bs, accelerator.device)
+        forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe)
+    watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
+    diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, base, results, update_size(start, model))
+    del start
     if cfg.eval.metrics:
         results = {s: {k: v for k, v in m.items() if k in cfg.eval.metrics} for s, m in results.items()}
-        base = {k: v for k, v in base.items() if k in cfg.eval.metrics} if base else base
+        base = {s: {k: v for k, v in m.items() if k in cfg.eval.metrics} for s, m in base.items()} if base else base
 
     summary = {
         "name": cfg.name,
         **results,
-        "base": {"test": base} if base else None,
+        "base": base,
         "train": {k: v for k, v in trained.items() if k != "validation_history"},
         "params": {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)},
+        "checks": {"ok": not report.errors(), "dropped": dict(report.dropped),
+                   "findings": [{k: v for k, v in f.items() if k != "examples"}
+                                for f in report.to_dict()["findings"]]},
+        "forgetting": forgot,
+        "diagnosis": diagnosis,
         "peak_memory_mb": artifacts.peak_memory_mb(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -209,7 +269,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if accelerator.is_main_process:
         if answers is not None and base_answers is not None:
             write_report(run_dir, f"{cfg.name}: base vs tuned on the test prompts", (cfg.model.name, str(run_dir)),
-                         (base, results["test"]), side_by_side(gen_items, base_answers, answers))
+                         (base["test"], results["test"]), side_by_side(gen_items, base_answers, answers))
         elif answers is not None:
             artifacts.write_json(run_dir / "generations.json", [{"messages": it["messages"], "reference":
                                  it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
@@ -218,6 +278,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         artifacts.set_status(run_dir, "completed")
         artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
         if "test" in results:
-            print_comparison(base, results["test"])
+            print_comparison((base or {}).get("test"), results["test"])
+        print_diagnosis(diagnosis, forgot)
         print(f"\nrun saved to {run_dir}")
     return summary

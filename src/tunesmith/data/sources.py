@@ -30,15 +30,20 @@ class Split:
     source: str
     lines: list[int] | None = field(default=None, repr=False)
     """Line number of each row in `source` (text formats), for error messages."""
+    origins: list[str] | None = field(default=None, repr=False)
+    """Where each row came from, for rows gathered from several sources (replaces source and lines)."""
 
     def where(self, i: int) -> str:
+        if self.origins is not None:
+            return self.origins[i]
         if self.lines is not None:
             return f"{self.source}:{self.lines[i]}"
         return f"{self.source} (row {i})"
 
     def subset(self, indices: list[int]) -> "Split":
         lines = [self.lines[i] for i in indices] if self.lines is not None else None
-        return Split([self.rows[i] for i in indices], self.source, lines)
+        origins = [self.origins[i] for i in indices] if self.origins is not None else None
+        return Split([self.rows[i] for i in indices], self.source, lines, origins)
 
     def columns(self) -> list[str]:
         seen: dict[str, None] = {}

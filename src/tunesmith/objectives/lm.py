@@ -1,4 +1,5 @@
-"""Token-level language-model losses shared by the causal objectives (clm, sft, and later dpo/ppo)."""
+"""Token-level language-model losses shared by the LM objectives (clm, sft, mlm, later dpo/ppo) and the
+forgetting probe."""
 
 from __future__ import annotations
 
@@ -65,3 +66,17 @@ def check_packing(model) -> None:
             f"{type(model).__name__} does not keep attention inside packed examples (its logits change when "
             "examples share a sequence)", where="objective.pack",
             hint="set objective.pack: false for this model")
+
+
+def masked_lm_forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss per example and masked-token count per example, for a masked LM batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"]
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="none").view_as(labels)
+    return losses.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+
+
+def lm_losses(model, batch, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed loss and target count for a language-model head (causal-lm or masked-lm)."""
+    return (causal_lm_forward if head == "causal-lm" else masked_lm_forward)(model, batch)

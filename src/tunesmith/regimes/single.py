@@ -10,3 +10,11 @@ from ..schema import Section
 class Config(Section):
     kind: Literal["single"] = "single"
     """Train on one task's data."""
+
+
+def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict:
+    return {}
+
+
+def make_penalty(cfg: Config, model, head: str, tokenizer, device, log=print):
+    return None

@@ -1,12 +1,15 @@
 """The one training loop, shared by every tuning and objective.
 
 For each optimizer step: take `grad_accum` micro-batches, sum their losses' gradients, divide by
-the number of loss units (examples or target tokens) across all of them and all processes, clip,
-step. Accumulating this way gives exactly the gradient of the equivalent large batch.
+the number of loss units (examples or target tokens) across all of them and all processes, add a
+regime's penalty gradient (once per step), clip, step. Accumulating this way gives exactly the
+gradient of the equivalent large batch.
 
 Around that: warmup + decay schedule, evaluation every N steps or each epoch, early stopping with
 best-checkpoint restore, checkpoints that `--resume` continues from bit-for-bit on CPU, a progress
-bar, and one JSON line per log step in metrics.jsonl.
+bar, and one JSON line per log step in metrics.jsonl. Each validation line also carries the mean
+training loss since the previous evaluation (`train_loss`), so the train/validation gap can be read
+from the log.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class LoopState:
     seconds: float = 0.0
     """Training time so far, evaluation excluded."""
     evals: list = field(default_factory=list)
+    since_eval_loss: float = 0.0
+    since_eval_count: float = 0.0
+    """Summed training loss and its units since the last evaluation."""
 
 
 class MetricsLog:
@@ -88,8 +94,11 @@ def _better(value: float, best: float | None, metric: str, min_delta: float) -> 
 
 
 def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: list[dict] | None, cfg,
-        pad_id: int, run_dir: Path, accelerator, resume: bool = False) -> dict:
-    """Train `model` in place; returns a summary of the training (steps, best, timings)."""
+        pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None) -> dict:
+    """Train `model` in place; returns a summary of the training (steps, best, timings).
+
+    penalty: a regime's pull towards the starting weights (`add_gradient()`, `value()`), or None.
+    """
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [len(e["input_ids"]) for e in train_examples]
     micro_per_epoch = len(shard(train_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length), rank, world))
@@ -127,6 +136,9 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
         nonlocal last_eval_step
         last_eval_step = state.step
         scores = evaluate(model, objective, obj_cfg, val_examples, eval_bs, pad_id, accelerator, "validation")
+        if state.since_eval_count:
+            scores["train_loss"] = state.since_eval_loss / state.since_eval_count
+        state.since_eval_loss = state.since_eval_count = 0.0
         state.evals.append({"step": state.step, **scores})
         if accelerator.is_main_process:
             log.write(step=state.step, split="validation", **scores)
@@ -139,7 +151,7 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
                 checkpoint.save_best(ckpt_dir, accelerator.unwrap_model(model))
         else:
             state.bad_evals += 1
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "train_loss")
         accelerator.print(f"step {state.step}: validation {shown}")
         return es.enabled and state.bad_evals >= es.patience
 
@@ -154,7 +166,8 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
         windows = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
         for window in windows[state.window:]:
             tick = time.perf_counter()
-            loss_sum, count = _step(model, objective, obj_cfg, train_examples, window, pad_id, accelerator, trainable)
+            loss_sum, count = _step(model, objective, obj_cfg, train_examples, window, pad_id, accelerator, trainable,
+                                    penalty)
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(
                     f"the training loss became {loss_sum} at step {state.step + 1}",
@@ -171,6 +184,8 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
             state.tokens += sum(lengths[i] for b in window for i in b) * world
             state.seconds += time.perf_counter() - tick
             window_loss, window_count = window_loss + loss_sum, window_count + count
+            state.since_eval_loss += loss_sum
+            state.since_eval_count += count
             progress.update(1, loss=f"{loss_sum / max(count, 1):.4f}")
 
             if state.step % cfg.log_every == 0 or state.step == total:
@@ -182,6 +197,8 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
                     "grad_norm": float(grad_norm),
                     "examples_per_s": state.examples / max(state.seconds, 1e-9),
                 }
+                if penalty is not None:
+                    record["penalty"] = penalty.value()
                 if accelerator.is_main_process:
                     log.write(**record)
                 progress.line(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -227,8 +244,11 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
     }
 
 
-def _step(model, objective, obj_cfg, examples, window, pad_id, accelerator, trainable) -> tuple[float, float]:
-    """Forward and backward over one accumulation window; leaves gradients scaled to a mean per loss unit."""
+def _step(model, objective, obj_cfg, examples, window, pad_id, accelerator, trainable, penalty=None
+          ) -> tuple[float, float]:
+    """Forward and backward over one accumulation window; leaves gradients scaled to a mean per loss unit,
+    plus the penalty's gradient (added once, after scaling: it belongs to the step, not to a micro-batch).
+    Returns the summed task loss and its unit count."""
     loss_sum = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
     for i, idx in enumerate(window):
@@ -246,6 +266,8 @@ def _step(model, objective, obj_cfg, examples, window, pad_id, accelerator, trai
     for p in trainable:
         if p.grad is not None:
             p.grad.mul_(scale.to(p.grad.dtype))
+    if penalty is not None:
+        penalty.add_gradient()
     global_loss = accelerator.reduce(loss_sum.clone(), "sum") if accelerator.num_processes > 1 else loss_sum
     return float(global_loss), float(global_count)
 
