@@ -48,12 +48,15 @@ class Dims:
     total: int
     """All parameters of the base with its head."""
     head: int
-    """Parameters of a new task head (0 for a language model's pretrained head)."""
+    """Parameters of the task head outside the tied embeddings: a new classifier, a masked-LM head's transform
+    and bias; 0 for a causal LM (its head is the embeddings)."""
     block: int
     """Parameters of one transformer block."""
     linears: tuple
     """(in, out) of each linear layer of one block, and of other body linears (BERT's pooler) in `extra`."""
     extra: tuple = ()
+    labels: int = 0
+    """Classes of a classification head (0 for language models)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,7 @@ def _adapter(d: Dims, per_block: int, reduction: int) -> int:
 TUNINGS_UNDER_TEST = {
     "full": Tuning({"kind": "full"}, lambda d: d.total, adapter=False),
     "freeze": Tuning({"kind": "freeze", "train_last": 1},
-                     lambda d: d.block + (d.head or d.vocab * d.h), adapter=False),  # LM: the tied head/embeddings
+                     lambda d: d.block + d.head + (0 if d.labels else d.vocab * d.h), adapter=False),  # LM: tied embeddings
     "lora": Tuning({"kind": "lora", "r": 4, "alpha": 8, "targets": "all-linear"}, lambda d: _lora(d, 4)),
     "dora": Tuning({"kind": "dora", "r": 4, "alpha": 8, "targets": "all-linear"}, lambda d: _lora(d, 4, dora=True)),
     "qlora": Tuning({"kind": "qlora", "r": 4, "alpha": 8, "targets": "all-linear", "gradient_checkpointing": False},
@@ -104,6 +107,10 @@ TUNINGS_UNDER_TEST = {
     "adapter-pfeiffer": Tuning({"kind": "adapter", "placement": "pfeiffer", "reduction_factor": 4},
                                lambda d: _adapter(d, 1, 4), merges=False),
 }
+# mlm trains full or freeze only: an adapter over an encoder's (often missing, so random) masked-LM head
+for _name, _tuning in TUNINGS_UNDER_TEST.items():
+    if _tuning.adapter:
+        _tuning.rejects["mlm"] = "objective mlm trains with tuning full or freeze"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +143,26 @@ def _lm_batch(g):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+def _sft_batch(g):
+    batch = _lm_batch(g)
+    batch["labels"][:, :3] = -100  # the prompt: no loss on it
+    return batch
+
+
+def _mlm_batch(g):
+    ids, mask = _ids(g)
+    chosen = (torch.rand(ids.shape, generator=g) < 0.3) & (mask == 1)
+    chosen[:, 1] = True  # at least one masked token per row
+    return {"input_ids": ids.masked_fill(chosen, 4), "attention_mask": mask, "labels": ids.masked_fill(~chosen, -100)}
+
+
 LABELS = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
 OBJECTIVES_UNDER_TEST = {
     "classify-bert": Objective("classify", "tiny_bert", LABELS, _classify_batch),
     "classify-llama": Objective("classify", "tiny_llama", LABELS, _classify_batch),
     "clm": Objective("clm", "tiny_llama", {}, _lm_batch),
+    "sft": Objective("sft", "tiny_llama", {}, _sft_batch),
+    "mlm": Objective("mlm", "tiny_bert", {}, _mlm_batch),
 }
 
 
@@ -149,12 +171,14 @@ def dims(config, head: str, total: int) -> Dims:
     labels = 2 if head == "sequence-classification" else 0
     if config.model_type == "bert":
         block = 4 * (h * h + h) + 2 * h + (h * inter + inter) + (inter * h + h) + 2 * h
-        return Dims(h, layers, inter, h, config.vocab_size, total, head=labels * h + labels if labels else 0,
-                    block=block, linears=((h, h),) * 4 + ((h, inter), (inter, h)), extra=((h, h),))
+        # masked-LM head: a dense transform, its LayerNorm and the decoder's bias (its weight is the embeddings')
+        mlm_head = h * h + h + 2 * h + config.vocab_size if head == "masked-lm" else 0
+        return Dims(h, layers, inter, h, config.vocab_size, total, head=labels * h + labels if labels else mlm_head,
+                    block=block, linears=((h, h),) * 4 + ((h, inter), (inter, h)), extra=((h, h),), labels=labels)
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     block = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
     return Dims(h, layers, inter, kv, config.vocab_size, total, head=labels * h, block=block,
-                linears=((h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)))
+                linears=((h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)), labels=labels)
 
 
 CASES = [(t, o) for t in TUNINGS_UNDER_TEST for o in OBJECTIVES_UNDER_TEST if o not in TUNINGS_UNDER_TEST[t].rejects]

@@ -16,7 +16,6 @@ import zlib
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from ..data.collate import IGNORE_INDEX
@@ -24,6 +23,7 @@ from ..errors import DataError, ModelError
 from ..evaluate.metrics import perplexity
 from ..schema import Section
 from .common import Loss, Prepared
+from .lm import masked_lm_forward
 
 HEAD = "masked-lm"
 METRICS = ("loss", "perplexity")
@@ -98,10 +98,7 @@ def _forward(model, batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         inputs, labels = mask_tokens(batch["input_ids"], batch["maskable"] * batch["attention_mask"],
                                      batch["mask_id"], model.config.vocab_size, cfg.mask_probability)
-    logits = model(input_ids=inputs, attention_mask=batch["attention_mask"]).logits.float()
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                             reduction="none").view_as(labels)
-    return losses.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+    return masked_lm_forward(model, {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels})
 
 
 def loss(model, batch, cfg: Config) -> Loss:

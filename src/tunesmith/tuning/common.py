@@ -29,6 +29,9 @@ PEFT_TASK_TYPES = {
 }
 
 
+MASKED_LM_TUNINGS = ("full", "freeze")
+
+
 def head_to_train(model, head: str, train_head: bool) -> list[str] | None:
     """peft's `modules_to_save`: the new classification head trains in full; a pretrained LM head stays frozen."""
     from ..models.anatomy import head_modules
@@ -90,6 +93,11 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
 
     head = OBJECTIVES[cfg.objective.kind].HEAD
     tuning = TUNINGS[cfg.tuning.kind]
+    if head == "masked-lm" and cfg.tuning.kind not in MASKED_LM_TUNINGS:
+        # An encoder's masked-LM head is often missing from the checkpoint (MiniLM's is) and starts random;
+        # an adapter over a frozen random head neither learns it nor saves it, so the run would not reload.
+        raise ConfigError(f"objective mlm trains with tuning {' or '.join(MASKED_LM_TUNINGS)}, not {cfg.tuning.kind!r}",
+                          where="tuning.kind", hint="use tuning.kind=full, or freeze (the last blocks and the head)")
     resolved = resolve(cfg.model.name)
     config = build_config(cfg.model, model_kwargs, resolved)
     if hasattr(tuning, "check"):
