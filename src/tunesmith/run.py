@@ -93,6 +93,14 @@ def generation_items(cfg: RunConfig, objective, prepared) -> list[dict]:
     return prepared.prompts.get("test", [])[:cfg.eval.generate.prompts]
 
 
+def answer_prompts(model, chat, items: list[dict], cfg: RunConfig, say, who: str):
+    """Generation metrics on the test prompts: (scores, answers, seconds taken)."""
+    say(f"{who} model answering {len(items)} test prompts ...")
+    tick = time.perf_counter()
+    scores, answers = evaluate_generation(model, chat, items, cfg.eval.generate, cfg.train.seed)
+    return scores, answers, round(time.perf_counter() - tick, 1)
+
+
 def print_card(card: dict) -> None:
     print("data card")
     for split in ("train", "validation", "test", "replay"):
@@ -196,10 +204,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
             base = {s: evaluate(model, objective, cfg.objective, prepared.examples[s], eval_bs, pad_id, accelerator,
                                 f"base {s}") for s in held_out}
             if gen_items and "test" in base:
-                say(f"base model answering {len(gen_items)} test prompts ...")
-                tick = time.perf_counter()
-                scores, base_answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
-                gen_seconds["base"] = round(time.perf_counter() - tick, 1)
+                scores, base_answers, gen_seconds["base"] = answer_prompts(model, chat, gen_items, cfg, say, "base")
                 base["test"].update(scores)
                 if accelerator.is_main_process:
                     artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
@@ -225,10 +230,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
                                       accelerator, split)
     answers = None
     if gen_items and "test" in results:
-        say(f"tuned model answering {len(gen_items)} test prompts ...")
-        tick = time.perf_counter()
-        scores, answers = evaluate_generation(model, chat, gen_items, cfg.eval.generate, cfg.train.seed)
-        gen_seconds["tuned"] = round(time.perf_counter() - tick, 1)
+        scores, answers, gen_seconds["tuned"] = answer_prompts(model, chat, gen_items, cfg, say, "tuned")
         results["test"].update(scores)
     forgot = None
     if probe:

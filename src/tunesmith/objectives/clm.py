@@ -13,10 +13,9 @@ from __future__ import annotations
 from typing import Literal
 
 from ..errors import DataError
-from ..evaluate.metrics import perplexity
 from ..schema import Section
-from .common import Loss, Prepared
-from .lm import causal_lm_forward
+from .common import Prepared
+from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
 METRICS = ("loss", "perplexity")
@@ -64,16 +63,4 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     return Prepared(examples, {}, card, chat=ChatFormat(tokenizer, None) if eos else None)
 
 
-def loss(model, batch, cfg: Config) -> Loss:
-    sums, counts = causal_lm_forward(model, batch)
-    return Loss(sums.sum(), counts.sum())
-
-
-def eval_step(model, batch, cfg: Config) -> dict[str, list]:
-    sums, counts = causal_lm_forward(model, batch)
-    return {"loss_sum": sums.tolist(), "tokens": counts.tolist()}
-
-
-def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
-    mean = sum(outputs["loss_sum"]) / max(1, sum(outputs["tokens"]))
-    return {"loss": mean, "perplexity": perplexity(mean)}
+loss, eval_step, metrics = causal_loss, causal_eval_step, token_metrics

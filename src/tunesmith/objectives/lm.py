@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import IGNORE_INDEX
+from ..evaluate.metrics import perplexity
+from .common import Loss
 
 
 def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,3 +82,21 @@ def masked_lm_forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def lm_losses(model, batch, head: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed loss and target count for a language-model head (causal-lm or masked-lm)."""
     return (causal_lm_forward if head == "causal-lm" else masked_lm_forward)(model, batch)
+
+
+# The loss, evaluation step and metrics of every objective whose unit is a target token (clm, sft).
+
+def causal_loss(model, batch, cfg) -> Loss:
+    sums, counts = causal_lm_forward(model, batch)
+    return Loss(sums.sum(), counts.sum())
+
+
+def causal_eval_step(model, batch, cfg) -> dict[str, list]:
+    sums, counts = causal_lm_forward(model, batch)
+    return {"loss_sum": sums.tolist(), "tokens": counts.tolist()}
+
+
+def token_metrics(outputs: dict[str, list], cfg) -> dict[str, float]:
+    """Loss per target token over the whole split, and its exponential."""
+    mean = sum(outputs["loss_sum"]) / max(1, sum(outputs["tokens"]))
+    return {"loss": mean, "perplexity": perplexity(mean)}

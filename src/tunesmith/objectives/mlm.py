@@ -20,10 +20,9 @@ from pydantic import Field
 
 from ..data.collate import IGNORE_INDEX
 from ..errors import DataError, ModelError
-from ..evaluate.metrics import perplexity
 from ..schema import Section
 from .common import Loss, Prepared
-from .lm import masked_lm_forward
+from .lm import masked_lm_forward, token_metrics
 
 HEAD = "masked-lm"
 METRICS = ("loss", "perplexity")
@@ -111,6 +110,4 @@ def eval_step(model, batch, cfg: Config) -> dict[str, list]:
     return {"loss_sum": sums.tolist(), "tokens": counts.tolist()}
 
 
-def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
-    mean = sum(outputs["loss_sum"]) / max(1, sum(outputs["tokens"]))
-    return {"loss": mean, "perplexity": perplexity(mean)}
+metrics = token_metrics

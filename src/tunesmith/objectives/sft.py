@@ -16,10 +16,9 @@ from typing import Literal, Optional
 
 from ..data.collate import IGNORE_INDEX
 from ..errors import DataError
-from ..evaluate.metrics import perplexity
 from ..schema import Section
-from .common import Loss, Prepared
-from .lm import causal_lm_forward
+from .common import Prepared
+from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
 METRICS = ("loss", "perplexity")
@@ -124,16 +123,4 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     return Prepared(examples, {}, card, chat=chat, prompts=prompts)
 
 
-def loss(model, batch, cfg: Config) -> Loss:
-    sums, counts = causal_lm_forward(model, batch)
-    return Loss(sums.sum(), counts.sum())
-
-
-def eval_step(model, batch, cfg: Config) -> dict[str, list]:
-    sums, counts = causal_lm_forward(model, batch)
-    return {"loss_sum": sums.tolist(), "tokens": counts.tolist()}
-
-
-def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
-    mean = sum(outputs["loss_sum"]) / max(1, sum(outputs["tokens"]))
-    return {"loss": mean, "perplexity": perplexity(mean)}
+loss, eval_step, metrics = causal_loss, causal_eval_step, token_metrics
