@@ -246,3 +246,18 @@ def test_probe_longer_than_the_model_reads_is_cut_to_its_positions(tiny_bert):
     out = measure(model, Probe([long, {"input_ids": [6] * 10, "attention_mask": [1] * 10}], "sequence-classification",
                                ["x"], 210), pad_id=0, batch_size=2, device="cpu")
     assert out["features"].shape[:2] == (2, 3)  # both texts, embeddings + 2 blocks
+
+
+def test_flat_loss_that_rose_first_asks_for_a_lower_learning_rate():
+    """A loss that climbs above its start and settles back was pushed too hard: raising lr would be wrong."""
+    from types import SimpleNamespace
+
+    from tunesmith.evaluate.diagnose import _underfitting
+
+    cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, epochs=1, max_steps=40))
+    rose = [{"step": 5, "loss": 4.14}, {"step": 15, "loss": 4.70}, {"step": 40, "loss": 4.27}]
+    calm = [{"step": 5, "loss": 4.14}, {"step": 15, "loss": 4.10}, {"step": 40, "loss": 4.05}]
+    found = _underfitting(rose, [], {}, cfg, "loss", None, {}, None, overfit=False)
+    assert "lower train.lr (now 0.001; try 0.0001)" in found[0]["suggestion"] and "step 15" in found[0]["finding"]
+    found = _underfitting(calm, [], {}, cfg, "loss", None, {}, None, overfit=False)
+    assert "raise train.lr (now 0.001; try 0.01)" in found[0]["suggestion"]

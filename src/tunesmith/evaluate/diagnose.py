@@ -157,14 +157,21 @@ def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overf
     (its training data): a learning rate or length too small is then not the explanation."""
     found = []
     lr, epochs = cfg.train.lr, cfg.train.epochs
-    flat = tiny = False
+    flat = tiny = unstable = False
     if len(logs) >= 2 and not overfit:
         first, last = logs[0]["loss"], logs[-1]["loss"]
         if first > 0 and (first - last) / first < FLAT_LOSS:
             flat = True
+            # A loss that climbed above where it started before settling was pushed too hard, not too gently.
+            peak = max(logs[1:], key=lambda log: log["loss"])
+            unstable = peak["loss"] > first * (1 + FLAT_LOSS / 2)
             found.append({"finding": f"training loss barely moved: {first:.4f} at step {logs[0]['step']}, "
-                                     f"{last:.4f} at step {logs[-1]['step']} ({(last - first) / first:+.1%})",
-                          "suggestion": f"raise train.lr (now {lr:g}; try {lr * 10:g}) or train longer"})
+                                     f"{last:.4f} at step {logs[-1]['step']} ({(last - first) / first:+.1%})"
+                                     + (f", after rising to {peak['loss']:.4f} at step {peak['step']}" if unstable
+                                        else ""),
+                          "suggestion": f"lower train.lr (now {lr:g}; try {lr / 10:g}): a loss that rises first is a "
+                                        "step size too large" if unstable else
+                                        f"raise train.lr (now {lr:g}; try {lr * 10:g}) or train longer"})
     if update is not None and update["relative"] < TINY_UPDATE and not overfit:
         tiny = True
         found.append({"finding": f"the weights barely changed: ||w - w0|| / ||w0|| = {update['relative']:.2e}",
@@ -176,6 +183,8 @@ def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overf
                                  f"{base_val[watch]:.4f}",
                       "suggestion": "the model fit its training rows without generalising: check that the labels "
                                     "are right, add data, or train fewer weights (lora, freeze)" if overfit else
+                                    "check that the labels and data are right; then lower train.lr (the training "
+                                    "loss rose above its start)" if unstable else
                                     "check that the labels and data are right; then raise train.lr or train.epochs"
                                     + (" (the loss and the weights barely moved)" if flat or tiny else "")})
     if (evals and not trained.get("stopped_early") and trained.get("best_step") == evals[-1]["step"]
