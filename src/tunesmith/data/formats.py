@@ -9,6 +9,7 @@ Every format documented in docs/formats.md (with an example row each) is read he
   messages           {"messages": [{"role", "content"}]}      OpenAI style, system allowed
   preference         {"prompt", "chosen", "rejected"}          (for preference objectives)
   sharegpt_preference {"conversations", "chosen": {"from", "value"}, "rejected": {...}}
+  prompt             {"prompt"}                                a prompt alone (for ppo, which writes its answers)
 
 A conversation is a list of `{"role": "system" | "user" | "assistant", "content": str}`; templates
 (data/templates.py) render conversations, never raw rows, so every format trains and generates the
@@ -29,6 +30,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),
     "prompt_completion": ("prompt", "completion"),
+    "prompt": ("prompt",),
     "text": ("text",),
 }
 SFT_FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
