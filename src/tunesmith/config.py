@@ -297,13 +297,21 @@ class _Source:
         self.overrides: dict[tuple, str] = {}
 
     def where(self, loc: tuple) -> str:
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        dotted = dotted_key(loc) or "(top level)"
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.overrides:
                 return f"override {self.overrides[loc[:n]]!r} ({dotted})"
             if loc[:n] in self.lines:
                 return f"{self.path}:{self.lines[loc[:n]]} ({dotted})"
         return f"{self.path} ({dotted})"
+
+
+def dotted_key(loc: tuple) -> str:
+    """`("stages", 2, "objective", "kind")` -> `stages[2].objective.kind`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _to_python(node, src: _Source, loc: tuple = ()):
@@ -417,6 +425,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for text in overrides:
         apply_override(data, text, src)
     data.setdefault("name", Path(path).stem)
+    if "stages" in data:
+        raise ConfigError("this config lists stages; it runs as a staged run (tunesmith train handles both)",
+                          where=src.where(("stages",)))
+    return validate(data, src)
+
+
+def validate(data: dict, src, context: str = "") -> RunConfig:
+    """The raw config as a RunConfig; every failure a ConfigError naming its place (`src.where`).
+    `context` names the part of the file the data came from (a stage), for our own validators' messages."""
     check_keys(data, RunConfig, src)
     try:
         return RunConfig.model_validate(data)
@@ -428,7 +445,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError(f"required key {'.'.join(map(str, loc))!r} is missing",
                               where=src.where(loc[:-1])) from None
         if err["type"] == "value_error":  # raised by our own validators: message carries the key
-            raise ConfigError(msg.removeprefix("Value error, "), where=src.path) from None
+            where = f"{src.path} ({context})" if context else src.path
+            raise ConfigError(msg.removeprefix("Value error, "), where=where) from None
         raise ConfigError(f"{msg}; got {_describe(err.get('input'))}", where=src.where(loc)) from None
 
 

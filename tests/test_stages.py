@@ -1,0 +1,137 @@
+"""Staged runs: every stage validated up front; sft -> sft (LoRA, merged) -> ppo from one YAML; a run killed in
+its second stage resumes there (the first stage kept, not retrained) and ends as an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TESTS = str(Path(__file__).parent)
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from tunesmith.train import checkpoint
+    real_save = checkpoint.save
+    def save_then_die(folder, model, optimizer, scheduler, state):
+        real_save(folder, model, optimizer, scheduler, state)
+        if os.environ["KILL_IN"] in str(folder) and state["step"] >= int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save = save_then_die
+    from tunesmith.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def staged_config(path: Path, model: Path, data: Path, third: str = "ppo") -> Path:
+    text = f"""\
+name: hybrid
+model: {model}
+data: {{train: {data}, max_length: 32}}
+tuning: {{kind: full}}
+train: {{epochs: 1, batch_size: 8, lr: 3.0e-3, seed: 0, save_every: 4, log_every: 4}}
+eval: {{forgetting: {{enabled: false}}, generate: {{max_new_tokens: 8, prompts: 8}}}}
+stages:
+  - name: sft
+    objective: {{kind: sft}}
+  - name: polish
+    tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.1}}
+    objective: {{kind: sft}}
+    train: {{lr: 1.0e-2}}
+  - name: rl
+    objective: {{kind: {third}, reward: {{function: "tiny:count_good"}}, max_new_tokens: 6, ppo_epochs: 1}}
+    tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.0}}
+    data: {{max_rows: {{test: 8}}}}
+    train: {{max_steps: 4, batch_size: 16, log_every: 2}}
+"""
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def cli(args, cwd, env=None, script=None):
+    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunesmith"]
+    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)  # the reward function's module
+    return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                          capture_output=True, text=True)
+
+
+def test_a_typo_in_stage_three_fails_before_anything_trains(in_tmp, tiny_llama, instruction_dir):
+    from tunesmith import stages
+    from tunesmith.errors import ConfigError
+
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir, third="ppoo")
+    with pytest.raises(ConfigError) as e:
+        stages.load(cfg)
+    text = e.value.render()
+    assert "stages[2].objective.kind" in text and "h.yaml:15" in text and "did you mean 'ppo'" in text
+    assert not (in_tmp / "runs").exists()
+
+
+def test_stage_references_must_name_an_earlier_stage(in_tmp, tiny_llama, instruction_dir):
+    from tunesmith import stages
+    from tunesmith.errors import ConfigError
+
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir)
+    cfg.write_text(cfg.read_text().replace('reward: {function: "tiny:count_good"}', "reward: {run: stage:rm}"))
+    with pytest.raises(ConfigError, match=r"'stage:rm' names no earlier stage \(earlier: sft, polish\)") as e:
+        stages.load(cfg)
+    assert "stages[2].objective.reward.run" in e.value.render()
+
+
+def test_stage_sections_override_the_top_level_key_by_key():
+    from tunesmith.stages import merge
+
+    top = {"tuning": {"kind": "lora", "r": 8}, "train": {"lr": 1.0, "seed": 3}, "objective": "sft"}
+    out = merge(top, {"tuning": {"r": 4}, "train": {"lr": 2.0}, "objective": {"kind": "ppo", "clip": 0.1}})
+    assert out == {"tuning": {"kind": "lora", "r": 4}, "train": {"lr": 2.0, "seed": 3},
+                   "objective": {"kind": "ppo", "clip": 0.1}}
+    assert merge(top, {"tuning": "full"})["tuning"] == {"kind": "full"}
+
+
+def test_killed_in_stage_two_resumes_there_and_ends_like_an_uninterrupted_run(in_tmp, tiny_llama, instruction_dir):
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir)
+    whole = cli(["train", str(cfg), "name=whole"], in_tmp)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    killed = cli(["train", str(cfg), "name=killed"], in_tmp, {"KILL_IN": "2-polish", "KILL_AT_STEP": "8"}, KILLER)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    root = in_tmp / "runs" / "killed"
+    first = root / "stages" / "1-sft" / "summary.json"
+    assert first.exists() and not (root / "stages" / "2-polish" / "summary.json").exists()
+    assert not (root / "stages" / "3-rl").exists() and not (root / "summary.json").exists()
+    stamp = first.stat().st_mtime_ns
+
+    refused = cli(["train", str(cfg), "name=killed"], in_tmp)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = cli(["train", str(cfg), "name=killed", "--resume"], in_tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "finished earlier; kept" in resumed.stdout and "resuming from step 8" in resumed.stdout
+    assert first.stat().st_mtime_ns == stamp  # the first stage was not trained again
+
+    a, b = in_tmp / "runs" / "whole", root
+    for stage in ("1-sft", "2-polish", "3-rl"):
+        sa, sb = (json.loads((r / "stages" / stage / "summary.json").read_text()) for r in (a, b))
+        for key in ("test", "validation", "base"):
+            assert sa.get(key) == sb.get(key), (stage, key)
+        assert sa["train"]["steps"] == sb["train"]["steps"]
+    # LoRA stages hand a merged model on; the final policy's weights are identical
+    assert (a / "stages" / "2-polish" / "merged" / "config.json").exists()
+    wa, wb = (load_file(r / "stages" / "3-rl" / "adapter" / "adapter_model.safetensors") for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (load_file(r / "stages" / "2-polish" / "merged" / "model.safetensors") for r in (a, b))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+    top_a, top_b = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert [s["stage"] for s in top_a["stages"]] == ["sft", "polish", "rl"]
+    strip = lambda s: [{k: v for k, v in st.items() if k != "wall_seconds"} for st in s["stages"]]  # noqa: E731
+    assert strip(top_a) == strip(top_b)
+    assert top_a["stages"][2]["tuned"]["reward"] is not None and top_a["policy"] == "stages/3-rl/merged"
