@@ -164,3 +164,34 @@ def test_tiny_ppo_raises_a_function_reward_while_kl_stays_bounded(in_tmp, tiny_l
                 "answer_tokens"):
         assert all(math.isfinite(l[key]) for l in log), key
     assert log[-1]["score"] > log[0]["score"]
+
+
+def test_ppo_killed_after_a_checkpoint_resumes_to_the_same_end(in_tmp, tiny_llama, sentiment_dir):
+    import signal
+
+    from safetensors.torch import load_file
+    from test_stages import KILLER, cli
+
+    cfg = ppo_config(in_tmp / "p.yaml", tiny_llama, sentiment_dir, extra="")
+    cfg.write_text(cfg.read_text().replace("max_steps: 40", "max_steps: 12").replace("log_every: 5", "log_every: 2, "
+                                                                                     "save_every: 4"))
+    whole = cli(["train", str(cfg), "name=whole"], in_tmp)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = cli(["train", str(cfg), "name=killed"], in_tmp, {"KILL_IN": "killed", "KILL_AT_STEP": "8"}, KILLER)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = cli(["train", str(cfg), "name=killed", "--resume"], in_tmp)
+    assert resumed.returncode == 0 and "resuming from step 8" in resumed.stdout, resumed.stderr[-3000:]
+
+    a, b = in_tmp / "runs" / "whole", in_tmp / "runs" / "killed"
+    wa, wb = (load_file(r / "model" / "model.safetensors") for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final policy weights differ"
+    va, vb = (load_file(r / "value_head.safetensors") for r in (a, b))
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert sa["test"] == sb["test"] and sa["base"] == sb["base"] and sa["train"]["kl_coef"] == sb["train"]["kl_coef"]
+
+    def log(run):
+        return [{k: v for k, v in json.loads(l).items() if k != "answers_per_s"}
+                for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert log(a) == log(b)
