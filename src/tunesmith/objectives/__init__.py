@@ -1,10 +1,11 @@
 """What is optimised. One module per objective; see `common.py` for what each module provides."""
 
-from . import classify, clm, mlm, sft
+from . import classify, clm, mlm, reward, sft
 
 OBJECTIVES = {
     "classify": classify,
     "clm": clm,
     "mlm": mlm,
     "sft": sft,
+    "reward": reward,
 }
