@@ -1,5 +1,5 @@
-"""Staged runs: every stage validated up front; sft -> sft (LoRA, merged) -> ppo from one YAML; a run killed in
-its second stage resumes there (the first stage kept, not retrained) and ends as an uninterrupted run ends."""
+"""Staged runs: every stage validated up front; sft -> reward -> ppo from one YAML; a run killed in its second
+stage resumes there (the first stage kept, not retrained) and ends as an uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -31,29 +31,42 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def staged_config(path: Path, model: Path, data: Path, third: str = "ppo") -> Path:
+def staged_config(path: Path, model: Path, instructions: Path, preferences: Path, third: str = "ppo") -> Path:
+    """sft (full) -> a reward model (LoRA, from the sft weights) -> ppo (LoRA) against that reward model."""
     text = f"""\
 name: hybrid
 model: {model}
-data: {{train: {data}, max_length: 32}}
+data: {{train: {instructions}, max_length: 32}}
 tuning: {{kind: full}}
 train: {{epochs: 1, batch_size: 8, lr: 3.0e-3, seed: 0, save_every: 4, log_every: 4}}
 eval: {{forgetting: {{enabled: false}}, generate: {{max_new_tokens: 8, prompts: 8}}}}
 stages:
   - name: sft
     objective: {{kind: sft}}
-  - name: polish
+  - name: rm
+    data: {{train: {preferences}}}
     tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.1}}
-    objective: {{kind: sft}}
+    objective: {{kind: reward}}
     train: {{lr: 1.0e-2}}
   - name: rl
-    objective: {{kind: {third}, reward: {{function: "tiny:count_good"}}, max_new_tokens: 6, ppo_epochs: 1}}
+    objective: {{kind: {third}, reward: {{run: "stage:rm"}}, max_new_tokens: 6, ppo_epochs: 1}}
     tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.0}}
-    data: {{max_rows: {{test: 8}}}}
+    data: {{train: {preferences}, max_rows: {{test: 8}}}}
     train: {{max_steps: 4, batch_size: 16, log_every: 2}}
 """
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def preference_dir(tmp_path_factory) -> Path:
+    from tiny import preference_rows, write_jsonl
+
+    d = tmp_path_factory.mktemp("preference")
+    write_jsonl(d / "train.jsonl", preference_rows(96, 1))
+    write_jsonl(d / "validation.jsonl", preference_rows(24, 2))
+    write_jsonl(d / "test.jsonl", preference_rows(24, 3))
+    return d
 
 
 def cli(args, cwd, env=None, script=None):
@@ -63,25 +76,26 @@ def cli(args, cwd, env=None, script=None):
                           capture_output=True, text=True)
 
 
-def test_a_typo_in_stage_three_fails_before_anything_trains(in_tmp, tiny_llama, instruction_dir):
+def test_a_typo_in_stage_three_fails_before_anything_trains(in_tmp, tiny_llama, instruction_dir, preference_dir):
     from tunesmith import stages
     from tunesmith.errors import ConfigError
 
-    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir, third="ppoo")
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir, preference_dir, third="ppoo")
+    line = next(i for i, text in enumerate(cfg.read_text().splitlines(), 1) if "ppoo" in text)
     with pytest.raises(ConfigError) as e:
         stages.load(cfg)
     text = e.value.render()
-    assert "stages[2].objective.kind" in text and "h.yaml:15" in text and "did you mean 'ppo'" in text
+    assert "stages[2].objective.kind" in text and f"h.yaml:{line}" in text and "did you mean 'ppo'" in text
     assert not (in_tmp / "runs").exists()
 
 
-def test_stage_references_must_name_an_earlier_stage(in_tmp, tiny_llama, instruction_dir):
+def test_stage_references_must_name_an_earlier_stage(in_tmp, tiny_llama, instruction_dir, preference_dir):
     from tunesmith import stages
     from tunesmith.errors import ConfigError
 
-    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir)
-    cfg.write_text(cfg.read_text().replace('reward: {function: "tiny:count_good"}', "reward: {run: stage:rm}"))
-    with pytest.raises(ConfigError, match=r"'stage:rm' names no earlier stage \(earlier: sft, polish\)") as e:
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir, preference_dir)
+    cfg.write_text(cfg.read_text().replace('reward: {run: "stage:rm"}', 'reward: {run: "stage:rw"}'))
+    with pytest.raises(ConfigError, match=r"'stage:rw' names no earlier stage \(earlier: sft, rm\)") as e:
         stages.load(cfg)
     assert "stages[2].objective.reward.run" in e.value.render()
 
@@ -96,16 +110,17 @@ def test_stage_sections_override_the_top_level_key_by_key():
     assert merge(top, {"tuning": "full"})["tuning"] == {"kind": "full"}
 
 
-def test_killed_in_stage_two_resumes_there_and_ends_like_an_uninterrupted_run(in_tmp, tiny_llama, instruction_dir):
-    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir)
+def test_killed_in_stage_two_resumes_there_and_ends_like_an_uninterrupted_run(in_tmp, tiny_llama, instruction_dir,
+                                                                              preference_dir):
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir, preference_dir)
     whole = cli(["train", str(cfg), "name=whole"], in_tmp)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    killed = cli(["train", str(cfg), "name=killed"], in_tmp, {"KILL_IN": "2-polish", "KILL_AT_STEP": "8"}, KILLER)
+    killed = cli(["train", str(cfg), "name=killed"], in_tmp, {"KILL_IN": "2-rm", "KILL_AT_STEP": "8"}, KILLER)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     root = in_tmp / "runs" / "killed"
     first = root / "stages" / "1-sft" / "summary.json"
-    assert first.exists() and not (root / "stages" / "2-polish" / "summary.json").exists()
+    assert first.exists() and not (root / "stages" / "2-rm" / "summary.json").exists()
     assert not (root / "stages" / "3-rl").exists() and not (root / "summary.json").exists()
     stamp = first.stat().st_mtime_ns
 
@@ -118,20 +133,24 @@ def test_killed_in_stage_two_resumes_there_and_ends_like_an_uninterrupted_run(in
     assert first.stat().st_mtime_ns == stamp  # the first stage was not trained again
 
     a, b = in_tmp / "runs" / "whole", root
-    for stage in ("1-sft", "2-polish", "3-rl"):
+    for stage in ("1-sft", "2-rm", "3-rl"):
         sa, sb = (json.loads((r / "stages" / stage / "summary.json").read_text()) for r in (a, b))
         for key in ("test", "validation", "base"):
             assert sa.get(key) == sb.get(key), (stage, key)
         assert sa["train"]["steps"] == sb["train"]["steps"]
-    # LoRA stages hand a merged model on; the final policy's weights are identical
-    assert (a / "stages" / "2-polish" / "merged" / "config.json").exists()
-    wa, wb = (load_file(r / "stages" / "3-rl" / "adapter" / "adapter_model.safetensors") for r in (a, b))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    ma, mb = (load_file(r / "stages" / "2-polish" / "merged" / "model.safetensors") for r in (a, b))
-    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    # the reward model and the final policy (LoRA, merged into its base) are identical
+    for weights in ("2-rm/adapter/adapter_model.safetensors", "3-rl/adapter/adapter_model.safetensors",
+                    "3-rl/merged/model.safetensors"):
+        wa, wb = (load_file(r / "stages" / weights) for r in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), weights
+    # the reward model started from the sft stage's weights, the policy from the sft policy
+    rm_cfg = (a / "stages" / "2-rm" / "config.yaml").read_text()
+    assert "name: runs/whole/stages/1-sft/model\n" in rm_cfg
+    rl_cfg = (a / "stages" / "3-rl" / "config.yaml").read_text()
+    assert "name: runs/whole/stages/1-sft/model\n" in rl_cfg and "run: runs/whole/stages/2-rm\n" in rl_cfg
 
     top_a, top_b = (json.loads((r / "summary.json").read_text()) for r in (a, b))
-    assert [s["stage"] for s in top_a["stages"]] == ["sft", "polish", "rl"]
+    assert [s["stage"] for s in top_a["stages"]] == ["sft", "rm", "rl"]
     strip = lambda s: [{k: v for k, v in st.items() if k != "wall_seconds"} for st in s["stages"]]  # noqa: E731
     assert strip(top_a) == strip(top_b)
     assert top_a["stages"][2]["tuned"]["reward"] is not None and top_a["policy"] == "stages/3-rl/merged"

@@ -224,3 +224,31 @@ train: {{max_steps: 40, batch_size: 16, lr: 3.0e-3, log_every: 5, seed: 0}}
 eval: {{forgetting: {{enabled: false}}, generate: {{prompts: 16, do_sample: true}}}}
 {extra}"""
     return write_config(path, text)
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference rows (prompt of filler words) where the chosen answer is a positive phrase and the rejected
+    one a negative phrase: a preference a tiny model learns in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.sample(FILLER, rng.randint(2, 6)))
+        chosen = " ".join([rng.choice(POSITIVE)] + rng.sample(FILLER, rng.randint(0, 3)))
+        rejected = " ".join([rng.choice(NEGATIVE)] + rng.sample(FILLER, rng.randint(0, 3)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def preference_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: lora, r: 4}",
+                      objective: str = "{kind: dpo, beta: 0.5}", extra: str = "",
+                      train: str = "{epochs: 3, batch_size: 8, lr: 1.0e-2, eval_every: 8, log_every: 4, seed: 0}") -> Path:
+    """A small preference run config (dpo or reward) on `preference_rows`."""
+    text = f"""\
+name: tiny
+model: {model}
+data: {{train: {data}, max_length: 32}}
+tuning: {tuning}
+objective: {objective}
+train: {train}
+{with_eval(extra)}"""
+    return write_config(path, text)

@@ -117,7 +117,8 @@ class DataConfig(Section):
     """Tokens per example; longer examples are truncated (the data card counts them)."""
     max_rows: dict[Literal["train", "validation", "test"], int] = {}
     """Use at most this many rows of a split, e.g. `{train: 2000}` for a quick run."""
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "prompt"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
+                    "sharegpt_preference", "scored", "prompt"] = "auto"
     """Row format for generative objectives (see docs/formats.md); auto detects it from the first row."""
     checks: ChecksConfig = ChecksConfig()
     """Leakage, duplicate, empty-row, truncation and label-balance checks, run before training."""
@@ -242,7 +243,7 @@ class RunConfig(Section):
     tuning: TuningConfig = Field(default_factory=lambda: TUNINGS["lora"].Config())
     """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
-    """What is optimised (`kind`: classify, clm, mlm, sft, ppo)."""
+    """What is optimised (`kind`: classify, clm, mlm, sft, reward, ppo)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
     """How tasks are scheduled (`kind`: single, continual)."""
     train: TrainConfig = TrainConfig()

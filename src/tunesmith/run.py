@@ -149,8 +149,6 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     raise_for_errors(report)
     probe = forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
     check_before_loading(cfg, prepared.model_kwargs)
-    if hasattr(objective, "check"):
-        objective.check(cfg.objective)
 
     # 2. The run folder, marked as running until summary.json is written.
     if main:
@@ -266,7 +264,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if chat is not None:
         summary["chat"] = {"template": chat.name if chat.template else None, "end_of_turn": chat.end_of_turn,
                            "stop_ids": chat.stop_ids(), "system": chat.system}
-        if chat.template is not None:
+        if chat.template is not None and objective.HEAD == "causal-lm":
             # plain transformers `generate` on the saved model then stops at the end of a turn too
             model.generation_config.eos_token_id = chat.stop_ids()
     if answers is not None:

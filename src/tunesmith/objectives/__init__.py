@@ -1,11 +1,12 @@
 """What is optimised. One module per objective; see `common.py` for what each module provides."""
 
-from . import classify, clm, mlm, ppo, sft
+from . import classify, clm, mlm, ppo, reward, sft
 
 OBJECTIVES = {
     "classify": classify,
     "clm": clm,
     "mlm": mlm,
     "sft": sft,
+    "reward": reward,
     "ppo": ppo,
 }

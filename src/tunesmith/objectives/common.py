@@ -9,6 +9,8 @@ An objective module provides, next to its `Config`:
   metrics(outputs, cfg) -> dict of floats
 and optionally
   GENERATION_METRICS  metrics of generated answers, measured once after training (sft)
+  CHAT                True if it renders chats with a template though its head is no LM (reward)
+  check(cfg, model_config)  combinations that cannot work, found from the model's config alone
 """
 
 from __future__ import annotations

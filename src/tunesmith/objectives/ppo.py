@@ -1,8 +1,8 @@
 """RLHF with PPO (Ziegler et al. 2019; Ouyang et al. 2022): the policy answers prompts, a reward scores the
 answers, and PPO raises the reward while a per-token KL penalty keeps the policy near where it started.
 
-Data: prompts only (`{"prompt": ...}` rows; plain `text` rows and every sft format also work, the last
-assistant turn dropped). Prompts render through the chat template exactly as sft renders them.
+Data: prompts only (`{"prompt": ...}` rows; plain `text` rows, every sft format (the last assistant turn
+dropped) and preference rows (their prompt) also work). Prompts render through the chat template exactly as sft renders them.
 
 The pieces, each a small function here (the loop is train/ppo.py, the reward sources rewards.py):
   per-token rewards   -kl_coef * (log pi - log pi_ref) on every answer token, the score added at the last one
@@ -30,7 +30,8 @@ HEAD = "causal-lm"
 METRICS = ("reward", "kl")
 MAIN_METRIC, MAIN_MODE = "reward", "max"
 OWNS_STEP = True
-PROMPT_FORMATS = ("prompt", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
+PROMPT_FORMATS = ("prompt", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
+                  "sharegpt_preference")
 
 
 class RewardConfig(Section):
@@ -115,7 +116,7 @@ class Config(Section):
 
 
 def _prompt_of(row: dict, fmt: str) -> list[dict]:
-    from ..data.formats import FormatError, _prompt_messages, to_conversation
+    from ..data.formats import FormatError, _prompt_messages, to_conversation, to_preference
 
     if fmt == "prompt":
         if "prompt" not in row:
@@ -123,6 +124,8 @@ def _prompt_of(row: dict, fmt: str) -> list[dict]:
         return _prompt_messages(row["prompt"])
     if fmt == "text":
         return [{"role": "user", "content": to_conversation(row, "text")}]
+    if fmt in ("preference", "sharegpt_preference"):  # the prompts a reward model was trained on
+        return to_preference(row, fmt)[0]
     return to_conversation(row, fmt)[:-1]
 
 
@@ -165,8 +168,8 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     return Prepared(examples, {}, card, chat=chat, prompts=prompts)
 
 
-def check(cfg: Config) -> None:
-    """What can be checked before any weights are read: the reward function imports."""
+def check(cfg: Config, model_config=None) -> None:
+    """Before any weights are read: the reward function imports, the reward run is a finished run."""
     from .rewards import check_source
 
     check_source(cfg.reward)

@@ -5,8 +5,10 @@
   classifier run     a finished `classify` run: the probability (or logit) of one label, e.g. `positive`
   function           `module:function`, called with (prompts, answers), two lists of strings
 
-`load(cfg)` returns a callable (prompts, answers) -> list[float]; prompts are the text of the last prompt
-message (what a person asked), answers the decoded answers.
+`load(cfg)` returns a callable (prompts, answers) -> list[float]: prompts are conversations (lists of
+messages), answers the decoded answers. A reward model reads the whole conversation, rendered with its own
+chat template; a classifier and a function read the text of the last prompt message (what was asked, or
+the text to continue).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import torch
 
 from ..errors import ConfigError
 
-Scorer = Callable[[list[str], list[str]], list[float]]
+Scorer = Callable[[list[list[dict]], list[str]], list[float]]
+
+
+def last_message(prompts: list[list[dict]]) -> list[str]:
+    return [p[-1]["content"] for p in prompts]
 
 
 def import_function(ref: str, where: str = "objective.reward.function") -> Scorer:
@@ -57,13 +63,14 @@ def check_source(cfg) -> None:
 def load(cfg, device) -> Scorer:
     if cfg.function is not None:
         fn = import_function(cfg.function)
-        return lambda prompts, answers: [float(x) for x in fn(prompts, answers)]
+        return lambda prompts, answers: [float(x) for x in fn(last_message(prompts), answers)]
     from ..trained import load_trained
 
     trained = load_trained(cfg.run)
     trained.model.to(device)
     if hasattr(trained.objective, "score"):  # a reward model scores (prompt, answer) pairs itself
-        return lambda prompts, answers: [float(x) for x in trained.objective.score(trained, prompts, answers)]
+        return lambda prompts, answers: [float(x) for x in trained.objective.score(trained, prompts, answers,
+                                                                                   cfg.batch_size)]
     if trained.objective.HEAD != "sequence-classification":
         raise ConfigError(f"{cfg.run} is a {trained.objective.HEAD} run; a reward comes from a reward model or a "
                           "classifier", where="objective.reward.run")
@@ -81,8 +88,8 @@ def classifier_scorer(trained, cfg, device) -> Scorer:
     index, model, tokenizer = labels.index(cfg.label), trained.model, trained.tokenizer
 
     @torch.no_grad()
-    def score(prompts: list[str], answers: list[str]) -> list[float]:
-        texts = answers if cfg.text == "answer" else [f"{p} {a}".strip() for p, a in zip(prompts, answers)]
+    def score(prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        texts = answers if cfg.text == "answer" else [f"{p} {a}".strip() for p, a in zip(last_message(prompts), answers)]
         out = []
         for s in range(0, len(texts), cfg.batch_size):
             ids, _ = tokenize_texts(tokenizer, texts[s:s + cfg.batch_size], trained.data_cfg.max_length)

@@ -101,30 +101,25 @@ def make_reference(pv: PolicyAndValue):
     return lambda r: forward(holder, r, values=False)[0]
 
 
-def prompt_texts(prompts: list[dict]) -> list[str]:
-    """What a reward reads as the prompt: the last prompt message's text."""
-    return [p["messages"][-1]["content"] for p in prompts]
-
-
 @torch.no_grad()
-def answer_and_measure(pv, reference, scorer, chat, prompt_ids: list[list[int]], texts: list[str], settings,
+def answer_and_measure(pv, reference, scorer, chat, prompt_ids: list[list[int]], convs: list[list[dict]], settings,
                        seed: int) -> tuple[list[Generation], torch.Tensor, Rollout, torch.Tensor]:
     """Generate, score, and measure: (generations, scores, rollout with logp and values, reference logp)."""
     device = next(pv.parameters()).device
     gens = generate(pv.policy, chat.tokenizer, prompt_ids, settings, chat.stop_ids(), seed)
-    scores = torch.tensor(scorer(texts, [g.text for g in gens]), dtype=torch.float32, device=device)
+    scores = torch.tensor(scorer(convs, [g.text for g in gens]), dtype=torch.float32, device=device)
     pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.stop_ids()[0]
     r = assemble(prompt_ids, [g.ids for g in gens], pad, device)
     r.logp, _, r.values = forward(pv, r)
     return gens, scores, r, reference(r)
 
 
-def ppo_step(pv, reference, scorer, chat, prompt_ids, texts, obj, kl_coef: float, seed: int, optimizer,
+def ppo_step(pv, reference, scorer, chat, prompt_ids, convs, obj, kl_coef: float, seed: int, optimizer,
              scheduler, max_grad_norm) -> dict[str, float]:
     """One rollout batch and the updates on it; returns the step's statistics."""
     settings = GenerateConfig(max_new_tokens=obj.max_new_tokens, do_sample=True, temperature=obj.temperature,
                               top_p=obj.top_p, batch_size=len(prompt_ids))
-    gens, scores, r, ref_logp = answer_and_measure(pv, reference, scorer, chat, prompt_ids, texts, settings, seed)
+    gens, scores, r, ref_logp = answer_and_measure(pv, reference, scorer, chat, prompt_ids, convs, settings, seed)
     with torch.no_grad():
         rewards, kl = ppo.token_rewards(scores, r.logp, ref_logp, r.mask, kl_coef)
         advantages, r.returns = ppo.gae(rewards, r.values, r.mask, obj.gamma, obj.lam)
@@ -200,7 +195,7 @@ def fit(*, pv: PolicyAndValue, reference, scorer, chat, prompts: list[dict], pro
     elif resume:
         say("no checkpoint found; starting from the beginning")
     controller.value = state.kl_coef
-    texts = prompt_texts(prompts)
+    convs = [p["messages"] for p in prompts]
     save_every = cfg.save_every or cfg.log_every
     progress = Progress(total, state.step, desc="ppo")
     pv.eval()  # no dropout: the ratios compare the same function before and after each update
@@ -210,7 +205,7 @@ def fit(*, pv: PolicyAndValue, reference, scorer, chat, prompts: list[dict], pro
         random.Random(cfg.seed * 7919 + epoch).shuffle(order)
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
         tick = time.perf_counter()
-        stats = ppo_step(pv, reference, scorer, chat, [prompt_ids[i] for i in idx], [texts[i] for i in idx], obj,
+        stats = ppo_step(pv, reference, scorer, chat, [prompt_ids[i] for i in idx], [convs[i] for i in idx], obj,
                          controller.value, cfg.seed * 1_000_003 + state.step, optimizer, scheduler,
                          cfg.max_grad_norm)
         controller.update(stats["kl"], len(idx))
@@ -241,8 +236,8 @@ def evaluate(pv, reference, scorer, chat, prompts: list[dict], prompt_ids: list[
              ) -> tuple[dict[str, float], list[Generation]]:
     """Mean reward and KL to the reference (nats per answer, summed over its tokens) on held-out prompts,
     decoded as eval.generate says (greedy, or sampled with a fixed seed)."""
-    gens, scores, r, ref_logp = answer_and_measure(pv, reference, scorer, chat, prompt_ids, prompt_texts(prompts),
-                                                   settings, seed)
+    gens, scores, r, ref_logp = answer_and_measure(pv, reference, scorer, chat, prompt_ids,
+                                                   [p["messages"] for p in prompts], settings, seed)
     kl = (r.logp - ref_logp) * r.mask
     return {"reward": float(scores.mean()), "kl": float(kl.sum(1).mean()),
             "stop_rate": sum(g.stopped for g in gens) / len(gens),
