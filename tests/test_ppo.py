@@ -195,3 +195,31 @@ def test_ppo_killed_after_a_checkpoint_resumes_to_the_same_end(in_tmp, tiny_llam
                 for l in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert log(a) == log(b)
+
+
+def test_a_classifier_run_rewards_with_the_probability_of_its_label(in_tmp, tiny_bert, sentiment_dir):
+    from tiny import classify_config
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+    from tunesmith.objectives import rewards
+    from tunesmith.objectives.ppo import RewardConfig
+    from tunesmith.run import train
+    from tunesmith.trained import load_trained
+
+    train(load_config(classify_config(in_tmp / "c.yaml", tiny_bert, sentiment_dir), ["train.max_steps=6"]))
+    run = str(in_tmp / "runs" / "tiny")
+    prompts = [[{"role": "user", "content": "the movie was"}]] * 2
+    answers = ["good and fun", "dull and weak"]
+    score = rewards.load(RewardConfig(run=run, label="pos"), "cpu")
+    logit = rewards.load(RewardConfig(run=run, label="pos", use="logit", text="answer"), "cpu")
+    trained = load_trained(run)
+    probs = trained.objective.predict(trained.model, trained.tokenizer, [f"the movie was {a}" for a in answers],
+                                      trained.data_cfg)
+    assert score(prompts, answers) == pytest.approx([p["scores"]["pos"] for p in probs], abs=1e-4)
+    enc = trained.tokenizer(answers, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = trained.model(**enc).logits[:, trained.obj_cfg.labels.index("pos")]
+    assert logit(prompts, answers) == pytest.approx(logits.tolist(), abs=1e-4)
+    with pytest.raises(ConfigError, match="'positive' is not one of them") as e:
+        rewards.load(RewardConfig(run=run, label="positive"), "cpu")
+    assert e.value.where == "objective.reward.label"
