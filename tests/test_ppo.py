@@ -223,3 +223,11 @@ def test_a_classifier_run_rewards_with_the_probability_of_its_label(in_tmp, tiny
     with pytest.raises(ConfigError, match="'positive' is not one of them") as e:
         rewards.load(RewardConfig(run=run, label="positive"), "cpu")
     assert e.value.where == "objective.reward.label"
+
+
+def test_ppo_refuses_gradient_accumulation(in_tmp, tiny_llama, sentiment_dir):
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.grad_accum: ppo"):
+        load_config(ppo_config(in_tmp / "p.yaml", tiny_llama, sentiment_dir), ["train.grad_accum=2"])

@@ -275,6 +275,13 @@ class RunConfig(Section):
             if m not in offered:
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
                                  f"(choose from {', '.join(offered)})")
+        if getattr(objective, "OWNS_STEP", False):
+            if self.train.grad_accum != 1:
+                raise ValueError(f"train.grad_accum: {self.objective.kind} takes train.batch_size answers per step and "
+                                 "updates on them in objective.minibatch pieces; it does not accumulate")
+            if self.regime.kind != "single":
+                raise ValueError(f"regime.kind: {self.objective.kind} trains in its own loop, under the single regime "
+                                 "only (its KL penalty already holds it near the start)")
         if self.regime.kind == "continual" and objective.HEAD == "sequence-classification":
             if self.regime.penalty.kind == "ewc":
                 raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "

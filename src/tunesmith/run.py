@@ -147,7 +147,9 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         print_card(prepared.card)
         print(report.render())
     raise_for_errors(report)
-    probe = forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
+    # ppo measures its drift as KL to the reference on held-out prompts instead of the forgetting probe
+    owns_step = getattr(objective, "OWNS_STEP", False)
+    probe = None if owns_step else forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
     check_before_loading(cfg, prepared.model_kwargs)
 
     # 2. The run folder, marked as running until summary.json is written.
