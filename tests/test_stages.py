@@ -154,3 +154,15 @@ def test_killed_in_stage_two_resumes_there_and_ends_like_an_uninterrupted_run(in
     strip = lambda s: [{k: v for k, v in st.items() if k != "wall_seconds"} for st in s["stages"]]  # noqa: E731
     assert strip(top_a) == strip(top_b)
     assert top_a["stages"][2]["tuned"]["reward"] is not None and top_a["policy"] == "stages/3-rl/merged"
+
+
+def test_plan_plans_every_stage(in_tmp, tiny_llama, instruction_dir, preference_dir, capsys):
+    from tunesmith.cli import main
+
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir, preference_dir)
+    assert main(["plan", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("=== stage")] == [
+        "=== stage 1/3: sft (sft) ===", "=== stage 2/3: rm (reward) ===", "=== stage 3/3: rl (ppo) ==="]
+    assert out.count("trainable params") == 3
+    assert not (in_tmp / "runs").exists()
