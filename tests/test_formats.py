@@ -20,13 +20,17 @@ def test_every_example_in_the_formats_doc_is_detected_as_documented():
     text = DOC.read_text()
     examples = re.findall(r"### `(\w+)`.*?```json\n(.*?)\n```", text, flags=re.S)
     assert {name for name, _ in examples} == {"text", "prompt_completion", "alpaca", "sharegpt", "messages",
-                                              "preference", "sharegpt_preference"}
+                                              "preference", "sharegpt_preference", "prompt"}
     for name, body in examples:
         row = json.loads(body)
         assert detect(row) == name, name
         if name in ("preference", "sharegpt_preference"):
             prompt, chosen, rejected = to_preference(row, name)
             assert prompt[-1]["role"] == "user" and chosen and rejected
+        elif name == "prompt":  # ppo's prompts: it writes the answers
+            from tunesmith.objectives.ppo import _prompt_of
+
+            assert _prompt_of(row, name) == [{"role": "user", "content": row["prompt"]}]
         else:
             conv = to_conversation(row, name)
             assert isinstance(conv, str) if name == "text" else conv[-1]["role"] == "assistant"
