@@ -1,6 +1,6 @@
 """What is optimised. One module per objective; see `common.py` for what each module provides."""
 
-from . import classify, clm, mlm, reward, sft
+from . import classify, clm, dpo, mlm, reward, sft
 
 OBJECTIVES = {
     "classify": classify,
@@ -8,4 +8,5 @@ OBJECTIVES = {
     "mlm": mlm,
     "sft": sft,
     "reward": reward,
+    "dpo": dpo,
 }
