@@ -64,9 +64,10 @@ def test_pairs_render_the_prompt_as_sft_does_and_close_answers_with_end_of_turn(
     assert cut is None
 
 
-def test_dpo_on_rows_without_preference_columns_names_the_columns_seen(tiny_llama, in_tmp, capsys):
+@pytest.mark.parametrize("objective", ["{kind: dpo}", "{kind: reward}"])
+def test_rows_without_preference_columns_stop_the_run_naming_the_columns_seen(objective, tiny_llama, in_tmp, capsys):
     data = write_jsonl(in_tmp / "sft.jsonl", [{"instruction": "say hi", "output": "hi"}] * 20)
-    cfg = preference_config(in_tmp / "c.yaml", tiny_llama, data, objective="{kind: reward}")
+    cfg = preference_config(in_tmp / "c.yaml", tiny_llama, data, objective=objective)
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "alpaca format" in err and "columns found: instruction, output" in err and "chosen" in err
