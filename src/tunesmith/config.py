@@ -243,7 +243,7 @@ class RunConfig(Section):
     tuning: TuningConfig = Field(default_factory=lambda: TUNINGS["lora"].Config())
     """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
-    """What is optimised (`kind`: classify, clm, mlm, sft, reward, ppo)."""
+    """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
     """How tasks are scheduled (`kind`: single, continual)."""
     train: TrainConfig = TrainConfig()
@@ -282,6 +282,11 @@ class RunConfig(Section):
             if self.regime.kind != "single":
                 raise ValueError(f"regime.kind: {self.objective.kind} trains in its own loop, under the single regime "
                                  "only (its KL penalty already holds it near the start)")
+        if self.objective.kind == "dpo" and self.objective.precompute_ref is False and \
+                self.tuning.kind in ("full", "freeze"):
+            raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {self.tuning.kind!r} "
+                             "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
+                             "a frozen copy (twice the memory): leave precompute_ref null or set it true")
         if self.regime.kind == "continual" and objective.HEAD == "sequence-classification":
             if self.regime.penalty.kind == "ewc":
                 raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "

@@ -192,6 +192,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
 
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+    if hasattr(objective, "attach_reference"):  # the starting model, before anything trains (dpo's reference)
+        objective.attach_reference(model, prepared.examples, cfg.objective, eval_bs, pad_id, accelerator)
     gen_items = generation_items(cfg, objective, prepared)
     base, base_answers, gen_seconds = None, None, {}  # base: the starting model's scores per held-out split
     held_out = [s for s in ("test", "validation") if prepared.examples.get(s)]

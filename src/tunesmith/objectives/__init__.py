@@ -1,6 +1,6 @@
 """What is optimised. One module per objective; see `common.py` for what each module provides."""
 
-from . import classify, clm, mlm, ppo, reward, sft
+from . import classify, clm, dpo, mlm, ppo, reward, sft
 
 OBJECTIVES = {
     "classify": classify,
@@ -8,5 +8,6 @@ OBJECTIVES = {
     "mlm": mlm,
     "sft": sft,
     "reward": reward,
+    "dpo": dpo,
     "ppo": ppo,
 }

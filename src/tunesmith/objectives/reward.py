@@ -71,7 +71,7 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     from .pairs import prepare_pairs
 
     prepared = prepare_pairs(splits, tokenizer, cfg.template, cfg.system, data, labels=False)
-    prepared.model_kwargs = {"num_labels": 1}
+    prepared.model_kwargs = plan_kwargs(cfg)
     return prepared
 
 
@@ -160,3 +160,8 @@ def score(trained, prompts: list, answers: list[str], batch_size: int = 16) -> l
         out += logits.float().squeeze(-1).tolist()
     model.train(was_training)
     return out
+
+
+def plan_kwargs(cfg: Config) -> dict:
+    """The head for planning without reading data: one output."""
+    return {"num_labels": 1}
