@@ -144,3 +144,20 @@ def test_card_warnings_for_truncation_and_label_balance():
     assert any("'a' has 95 rows, 'b' 5 (19x)" in m for m in messages)
     assert any("test has no rows of label(s) 'b'" in m for m in messages)
     assert all(f.policy == "warn" for f in found)
+
+
+@pytest.mark.parametrize("shape", ["preference", "scored"])
+def test_preference_rows_leak_on_their_prompt_side(shape):
+    prompt = "Write a short poem about the sea at night and the lighthouse keeper who waits for the boats"
+
+    def row(p, a, b):
+        if shape == "scored":
+            return {"prompt": p, "responses": [{"text": a, "score": 2}, {"text": b, "score": 1}]}
+        return {"prompt": p, "chosen": a, "rejected": b}
+
+    train = [row(prompt, OTHER, "no")] + [row(t, "ok", "no") for t in fillers(10)]
+    test = [row(prompt, " ".join(fillers(3, "t")), "maybe")]
+    assert comparable_texts(test[0])["prompt"] == prompt and OTHER in comparable_texts(train[0])["text"]
+    _, report = check_rows({"train": Split(train, "train.jsonl"), "test": Split(test, "test.jsonl")}, ChecksConfig())
+    leaks = [(f.kind, f.view) for f in report.findings if f.check == "leakage"]
+    assert ("exact", "prompt") in leaks and ("exact", "text") not in leaks

@@ -13,7 +13,7 @@ match. OBJECTIVES_UNDER_TEST: each objective's tiny model and a batch. Every pai
 
 A pair the method cannot serve is listed in its `rejects` and must fail the tuning's check, before any
 weights are read, with the message given. A new tuning is one TUNINGS_UNDER_TEST entry; a new objective
-(sft, mlm) is one OBJECTIVES_UNDER_TEST entry.
+(sft, mlm, reward, dpo) is one OBJECTIVES_UNDER_TEST entry.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ TUNINGS_UNDER_TEST = {
     "prefix": Tuning({"kind": "prefix", "tokens": 4}, lambda d: 4 * d.layers * 2 * d.kv + d.head, merges=False),
     "prompt": Tuning({"kind": "prompt", "tokens": 4, "init": "text", "init_text": "good or bad"},
                      lambda d: 4 * d.h + d.head, merges=False,
-                     rejects={"classify-llama": "prompt tuning cannot train a llama classifier"}),
+                     rejects={"classify-llama": "prompt tuning cannot train a llama classifier",
+                              "reward": "prompt tuning cannot train a llama classifier"}),
     "adapter-houlsby": Tuning({"kind": "adapter", "placement": "houlsby", "reduction_factor": 4},
                               lambda d: _adapter(d, 2, 4), merges=False),
     "adapter-pfeiffer": Tuning({"kind": "adapter", "placement": "pfeiffer", "reduction_factor": 4},
@@ -156,6 +157,18 @@ def _mlm_batch(g):
     return {"input_ids": ids.masked_fill(chosen, 4), "attention_mask": mask, "labels": ids.masked_fill(~chosen, -100)}
 
 
+def _pair_batch(g, labels: bool):
+    """Preference pairs: the chosen side as `input_ids` (what the output comparisons read), the rejected side
+    next to it; dpo's reference log-probs precomputed (full and freeze have no adapter to switch off)."""
+    batch = _lm_batch(g) if labels else dict(zip(("input_ids", "attention_mask"), _ids(g)))
+    rejected, mask = _ids(g, length=7)
+    batch.update(rejected_input_ids=rejected, rejected_attention_mask=mask)
+    if labels:
+        batch.update(rejected_labels=rejected.masked_fill(mask == 0, -100),
+                     ref_chosen_logps=torch.full((4,), -30.0), ref_rejected_logps=torch.full((4,), -25.0))
+    return batch
+
+
 LABELS = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
 OBJECTIVES_UNDER_TEST = {
     "classify-bert": Objective("classify", "tiny_bert", LABELS, _classify_batch),
@@ -163,12 +176,14 @@ OBJECTIVES_UNDER_TEST = {
     "clm": Objective("clm", "tiny_llama", {}, _lm_batch),
     "sft": Objective("sft", "tiny_llama", {}, _sft_batch),
     "mlm": Objective("mlm", "tiny_bert", {}, _mlm_batch),
+    "reward": Objective("reward", "tiny_llama", {"num_labels": 1}, lambda g: _pair_batch(g, labels=False)),
+    "dpo": Objective("dpo", "tiny_llama", {}, lambda g: _pair_batch(g, labels=True)),
 }
 
 
 def dims(config, head: str, total: int) -> Dims:
     h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    labels = 2 if head == "sequence-classification" else 0
+    labels = config.num_labels if head == "sequence-classification" else 0
     if config.model_type == "bert":
         block = 4 * (h * h + h) + 2 * h + (h * inter + inter) + (inter * h + h) + 2 * h
         # masked-LM head: a dense transform, its LayerNorm and the decoder's bias (its weight is the embeddings')

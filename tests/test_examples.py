@@ -16,5 +16,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 def test_example_loads_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
     assert re.fullmatch(rf"# tunesmith (train|plan) examples/{re.escape(path.name)}", first), first
-    cfg = load_config(path)
+    from tunesmith import stages
+
+    cfg = stages.load(path) if stages.is_staged(path) else load_config(path)
     assert cfg.name == path.stem

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.data.formats import FormatError, detect, to_conversation, to_preference
+from tunesmith.data.formats import FormatError, detect, scored_pairs, to_conversation, to_preference
 from tiny import sft_config, write_jsonl
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
@@ -20,13 +20,19 @@ def test_every_example_in_the_formats_doc_is_detected_as_documented():
     text = DOC.read_text()
     examples = re.findall(r"### `(\w+)`.*?```json\n(.*?)\n```", text, flags=re.S)
     assert {name for name, _ in examples} == {"text", "prompt_completion", "alpaca", "sharegpt", "messages",
-                                              "preference", "sharegpt_preference"}
+                                              "preference", "sharegpt_preference", "scored", "prompt"}
     for name, body in examples:
         row = json.loads(body)
         assert detect(row) == name, name
-        if name in ("preference", "sharegpt_preference"):
+        if name == "scored":
+            assert scored_pairs(row["responses"]) == [("7", "9"), ("7", "Seven, a prime.")]
+        elif name in ("preference", "sharegpt_preference"):
             prompt, chosen, rejected = to_preference(row, name)
             assert prompt[-1]["role"] == "user" and chosen and rejected
+        elif name == "prompt":  # ppo's prompts: it writes the answers
+            from tunesmith.objectives.ppo import _prompt_of
+
+            assert _prompt_of(row, name) == [{"role": "user", "content": row["prompt"]}]
         else:
             conv = to_conversation(row, name)
             assert isinstance(conv, str) if name == "text" else conv[-1]["role"] == "assistant"

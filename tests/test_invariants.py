@@ -1,7 +1,8 @@
-"""Training invariants, for every objective, as one table: a new objective (sft, dpo) is one CASES entry.
+"""Training invariants, for every objective, as one table: a new objective is one CASES entry.
 
   accumulation  k micro-batches of uneven length give the same update as one batch k times larger
-                (examples weigh equally for classify, target tokens for sequence objectives), and a
+                (examples weigh equally for classify, target tokens for sequence objectives, pairs for
+                reward and dpo), and a
                 penalty towards the starting weights is added once per step, not once per micro-batch
   seed          the same seed repeats a CPU run exactly: weights and every logged metric
   divergence    a NaN loss stops the run with a clear message and keeps the last good checkpoint
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from tunesmith.cli import main
-from tiny import classify_config, clm_config, patterned_rows, sentiment_rows, write_jsonl
+from tiny import (NO_PROBE, classify_config, clm_config, instruction_rows, patterned_rows, preference_config,
+                  preference_rows, sentiment_rows, with_eval, write_config, write_jsonl)
 
 
 @dataclass
@@ -33,10 +35,54 @@ class Case:
     """Raw rows (n, seed) for a run on disk."""
     config: Callable
     """(path, model, data, tuning, extra) -> a run config."""
+    units: Callable[[list[dict]], int] = len
+    """The loss units of the examples: examples or pairs (len), or target tokens."""
 
 
 def _ids(rng, lo=2, hi=14):
     return [rng.randrange(6, 60) for _ in range(rng.randint(lo, hi))]
+
+
+def _targets(examples) -> int:
+    """Target tokens: labels that are not IGNORE_INDEX, past the first position (nothing predicts it)."""
+    return sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
+
+
+def _masked(rng, ids):
+    """sft-style labels: a prompt of 1-4 tokens masked, the rest targets."""
+    k = min(len(ids) - 1, rng.randint(1, 4))
+    return [-100] * k + ids[k:]
+
+
+def _pairs(rng, labels: bool, ref: bool):
+    out = []
+    for _ in range(12):
+        c, r = _ids(rng), _ids(rng)
+        e = {"input_ids": c, "rejected_input_ids": r}
+        if labels:
+            e.update(labels=_masked(rng, c), rejected_labels=_masked(rng, r))
+        if ref:  # precomputed reference log-probs: the bare model has no adapter to switch off
+            e.update(ref_chosen_logps=-rng.uniform(5, 40), ref_rejected_logps=-rng.uniform(5, 40))
+        out.append(e)
+    return out
+
+
+def _sft_config(path, model, data, tuning="{kind: full}", extra=""):
+    text = f"""\
+name: tiny
+model: {model}
+data: {{train: {data}, max_length: 32}}
+tuning: {tuning}
+objective: {{kind: sft}}
+train: {{epochs: 3, batch_size: 8, lr: 3.0e-3, eval_every: 8, log_every: 4, seed: 0}}
+{with_eval(extra, NO_PROBE + ", generate: {max_new_tokens: 4, prompts: 8}")}"""
+    return write_config(path, text)
+
+
+def _preference_config(objective):
+    return lambda path, model, data, tuning="{kind: full}", extra="": preference_config(
+        path, model, data, tuning, objective, extra,
+        train="{epochs: 3, batch_size: 8, lr: 3.0e-3, eval_every: 8, log_every: 4, seed: 0}")
 
 
 CASES = [
@@ -45,7 +91,14 @@ CASES = [
          sentiment_rows, classify_config),
     Case("clm", "tiny_llama", "AutoModelForCausalLM",
          lambda rng: [{"input_ids": x, "labels": list(x)} for x in (_ids(rng) for _ in range(12))],
-         patterned_rows, clm_config),
+         patterned_rows, clm_config, _targets),
+    Case("sft", "tiny_llama", "AutoModelForCausalLM",
+         lambda rng: [{"input_ids": x, "labels": _masked(rng, x)} for x in (_ids(rng) for _ in range(12))],
+         instruction_rows, _sft_config, _targets),
+    Case("reward", "tiny_llama", "AutoModelForSequenceClassification",
+         lambda rng: _pairs(rng, labels=False, ref=False), preference_rows, _preference_config("{kind: reward}")),
+    Case("dpo", "tiny_llama", "AutoModelForCausalLM",
+         lambda rng: _pairs(rng, labels=True, ref=True), preference_rows, _preference_config("{kind: dpo, beta: 0.5}")),
 ]
 IDS = [c.objective for c in CASES]
 
@@ -55,7 +108,7 @@ def _model(case, request):
 
     path = request.getfixturevalue(case.model)  # first: building the fixture draws random numbers
     torch.manual_seed(0)
-    kwargs = {"num_labels": 2} if case.objective == "classify" else {}
+    kwargs = {"classify": {"num_labels": 2}, "reward": {"num_labels": 1}}.get(case.objective, {})
     model = getattr(transformers, case.head_class).from_pretrained(path, **kwargs)
     model.eval()  # no dropout: the two ways must compute the same function
     return model
@@ -93,9 +146,7 @@ def test_gradient_accumulation_equals_the_large_batch(case, request):
     examples = case.examples(random.Random(0))
     loss_big, units, big, _ = _grads(case, request, examples, 12, 1)
     loss_acc, units_acc, acc, _ = _grads(case, request, examples, 3, 4)
-    assert units == units_acc
-    if case.objective != "classify":  # token-weighted: the unit is a target token, not an example
-        assert units == sum(len(e["input_ids"]) - 1 for e in examples)
+    assert units == units_acc == case.units(examples)  # examples, pairs or target tokens
     assert loss_big == pytest.approx(loss_acc, rel=1e-5)
     for name in big:
         torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=1e-6)

@@ -202,3 +202,53 @@ train: {{epochs: 4, batch_size: 8, lr: 3.0e-3, seed: 0}}
 eval: {{generate: {{max_new_tokens: 8, prompts: 16}}}}
 {extra}"""
     return write_config(path, text)
+
+
+def count_good(prompts: list[str], answers: list[str]) -> list[float]:
+    """A reward for ppo tests: how often the answer says `good` (a tiny random model rarely does)."""
+    return [float(a.split().count("good")) for a in answers]
+
+
+def ppo_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: full}", objective: str = "",
+               extra: str = "") -> Path:
+    """A small ppo run on the tiny model: prompts are the first words of the sentiment rows, the reward
+    `count_good`; the reward rises within about 20 steps at this lr."""
+    text = f"""\
+name: ppo
+model: {model}
+data: {{train: {data}, max_length: 32, max_rows: {{test: 16}}}}
+tuning: {tuning}
+objective: {{kind: ppo, reward: {{function: "tiny:count_good"}}, prompt_words: 3, max_new_tokens: 12, minibatch: 8,
+             kl: {{coef: 0.3, target: 4.0}}, kl_bound: 12.0{', ' + objective if objective else ''}}}
+train: {{max_steps: 40, batch_size: 16, lr: 3.0e-3, log_every: 5, seed: 0}}
+eval: {{forgetting: {{enabled: false}}, generate: {{prompts: 16, do_sample: true}}}}
+{extra}"""
+    return write_config(path, text)
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference rows (prompt of filler words) where the chosen answer is a positive phrase and the rejected
+    one a negative phrase: a preference a tiny model learns in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.sample(FILLER, rng.randint(2, 6)))
+        chosen = " ".join([rng.choice(POSITIVE)] + rng.sample(FILLER, rng.randint(0, 3)))
+        rejected = " ".join([rng.choice(NEGATIVE)] + rng.sample(FILLER, rng.randint(0, 3)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def preference_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: lora, r: 4}",
+                      objective: str = "{kind: dpo, beta: 0.5}", extra: str = "",
+                      train: str = "{epochs: 3, batch_size: 8, lr: 1.0e-2, eval_every: 8, log_every: 4, seed: 0}") -> Path:
+    """A small preference run config (dpo or reward) on `preference_rows`."""
+    text = f"""\
+name: tiny
+model: {model}
+data: {{train: {data}, max_length: 32}}
+tuning: {tuning}
+objective: {objective}
+train: {train}
+{with_eval(extra)}"""
+    return write_config(path, text)

@@ -16,9 +16,13 @@ from .errors import TunesmithError
 
 
 def cmd_train(args) -> int:
+    from . import stages
     from .config import load_config
     from .run import train
 
+    if stages.is_staged(args.config):
+        stages.run(stages.load(args.config, args.overrides), resume=args.resume, force=args.force)
+        return 0
     cfg = load_config(args.config, args.overrides)
     train(cfg, resume=args.resume, force=args.force)
     return 0
@@ -33,9 +37,20 @@ def cmd_check(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from . import stages
     from .config import load_config
     from .plan import plan, render
 
+    if stages.is_staged(args.config):
+        # later stages start from an earlier stage's output, which has the top-level model's architecture
+        staged = stages.load(args.config, args.overrides)
+        for stage in staged.stages:
+            cfg = stage.cfg
+            if cfg.model.name.startswith(stages.STAGE_REF):
+                cfg = cfg.model_copy(update={"model": staged.stages[0].cfg.model})
+            print(f"=== stage {stage.index + 1}/{len(staged.stages)}: {stage.name} ({cfg.objective.kind}) ===")
+            print(render(plan(cfg), cfg))
+        return 0
     cfg = load_config(args.config, args.overrides)
     print(render(plan(cfg), cfg))
     return 0

@@ -117,7 +117,8 @@ class DataConfig(Section):
     """Tokens per example; longer examples are truncated (the data card counts them)."""
     max_rows: dict[Literal["train", "validation", "test"], int] = {}
     """Use at most this many rows of a split, e.g. `{train: 2000}` for a quick run."""
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
+                    "sharegpt_preference", "scored", "prompt"] = "auto"
     """Row format for generative objectives (see docs/formats.md); auto detects it from the first row."""
     checks: ChecksConfig = ChecksConfig()
     """Leakage, duplicate, empty-row, truncation and label-balance checks, run before training."""
@@ -242,7 +243,7 @@ class RunConfig(Section):
     tuning: TuningConfig = Field(default_factory=lambda: TUNINGS["lora"].Config())
     """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
-    """What is optimised (`kind`: classify, clm, mlm, sft)."""
+    """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
     """How tasks are scheduled (`kind`: single, continual)."""
     train: TrainConfig = TrainConfig()
@@ -274,6 +275,18 @@ class RunConfig(Section):
             if m not in offered:
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
                                  f"(choose from {', '.join(offered)})")
+        if getattr(objective, "OWNS_STEP", False):
+            if self.train.grad_accum != 1:
+                raise ValueError(f"train.grad_accum: {self.objective.kind} takes train.batch_size answers per step and "
+                                 "updates on them in objective.minibatch pieces; it does not accumulate")
+            if self.regime.kind != "single":
+                raise ValueError(f"regime.kind: {self.objective.kind} trains in its own loop, under the single regime "
+                                 "only (its KL penalty already holds it near the start)")
+        if self.objective.kind == "dpo" and self.objective.precompute_ref is False and \
+                self.tuning.kind in ("full", "freeze"):
+            raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {self.tuning.kind!r} "
+                             "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
+                             "a frozen copy (twice the memory): leave precompute_ref null or set it true")
         if self.regime.kind == "continual" and objective.HEAD == "sequence-classification":
             if self.regime.penalty.kind == "ewc":
                 raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
@@ -297,13 +310,21 @@ class _Source:
         self.overrides: dict[tuple, str] = {}
 
     def where(self, loc: tuple) -> str:
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        dotted = dotted_key(loc) or "(top level)"
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.overrides:
                 return f"override {self.overrides[loc[:n]]!r} ({dotted})"
             if loc[:n] in self.lines:
                 return f"{self.path}:{self.lines[loc[:n]]} ({dotted})"
         return f"{self.path} ({dotted})"
+
+
+def dotted_key(loc: tuple) -> str:
+    """`("stages", 2, "objective", "kind")` -> `stages[2].objective.kind`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _to_python(node, src: _Source, loc: tuple = ()):
@@ -417,6 +438,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for text in overrides:
         apply_override(data, text, src)
     data.setdefault("name", Path(path).stem)
+    if "stages" in data:
+        raise ConfigError("this config lists stages; it runs as a staged run (tunesmith train handles both)",
+                          where=src.where(("stages",)))
+    return validate(data, src)
+
+
+def validate(data: dict, src, context: str = "") -> RunConfig:
+    """The raw config as a RunConfig; every failure a ConfigError naming its place (`src.where`).
+    `context` names the part of the file the data came from (a stage), for our own validators' messages."""
     check_keys(data, RunConfig, src)
     try:
         return RunConfig.model_validate(data)
@@ -428,7 +458,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError(f"required key {'.'.join(map(str, loc))!r} is missing",
                               where=src.where(loc[:-1])) from None
         if err["type"] == "value_error":  # raised by our own validators: message carries the key
-            raise ConfigError(msg.removeprefix("Value error, "), where=src.path) from None
+            where = f"{src.path} ({context})" if context else src.path
+            raise ConfigError(msg.removeprefix("Value error, "), where=where) from None
         raise ConfigError(f"{msg}; got {_describe(err.get('input'))}", where=src.where(loc)) from None
 
 

@@ -7,6 +7,9 @@ config -> data (read, split, replay rows, checks, tokenize, data card) -> probe 
 Objectives that generate (sft) also have base and tuned model answer held-out prompts once, before
 and after training, for generation metrics and a side-by-side report (compare.md / .html).
 
+An objective that owns its step (ppo: rollouts, rewards, several updates per batch) trains in its own
+loop (train/ppo.py); `_train_ppo` below is its evaluate-train-evaluate-save, beside the supervised one.
+
 Everything that can be wrong with the input is checked before the run folder is touched (the data
 checks included: leakage under the `error` policy refuses here), so a bad config or bad data never
 leaves a folder that looks like a run.
@@ -152,7 +155,9 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         print_card(prepared.card)
         print(report.render())
     raise_for_errors(report)
-    probe = forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
+    # ppo measures its drift as KL to the reference on held-out prompts instead of the forgetting probe
+    owns_step = getattr(objective, "OWNS_STEP", False)
+    probe = None if owns_step else forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
     check_before_loading(cfg, prepared.model_kwargs)
 
     # 2. The run folder, marked as running until summary.json is written.
@@ -189,9 +194,14 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     model.to(accelerator.device)
     if getattr(cfg.objective, "pack", False):
         check_packing(model)  # before any training: fail if attention would cross packed examples
+    if getattr(objective, "OWNS_STEP", False):
+        return _train_ppo(run_dir, cfg, tuning, tokenizer, prepared, report, model, resume, started, accelerator,
+                          (trainable, total))
 
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+    if hasattr(objective, "attach_reference"):  # the starting model, before anything trains (dpo's reference)
+        objective.attach_reference(model, prepared.examples, cfg.objective, eval_bs, pad_id, accelerator)
     gen_items = generation_items(cfg, objective, prepared)
     base, base_answers, gen_seconds = None, None, {}  # base: the starting model's scores per held-out split
     held_out = [s for s in ("test", "validation") if prepared.examples.get(s)]
@@ -260,7 +270,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if chat is not None:
         summary["chat"] = {"template": chat.name if chat.template else None, "end_of_turn": chat.end_of_turn,
                            "stop_ids": chat.stop_ids(), "system": chat.system}
-        if chat.template is not None:
+        if chat.template is not None and objective.HEAD == "causal-lm":
             # plain transformers `generate` on the saved model then stops at the end of a turn too
             model.generation_config.eos_token_id = chat.stop_ids()
     if answers is not None:
@@ -283,4 +293,91 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
             print_comparison((base or {}).get("test"), results["test"])
         print_diagnosis(diagnosis, forgot)
         print(f"\nrun saved to {run_dir}")
+    return summary
+
+
+def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report: Report, model, resume: bool,
+               started: float, accelerator, counts: tuple[int, int]) -> dict:
+    """PPO: the starting model answers held-out prompts, PPO trains, the tuned model answers them again;
+    reward and KL to the reference before and after, a side-by-side report, the weights and the summary."""
+    from .errors import TunesmithError
+    from .objectives import rewards
+    from .train import ppo
+
+    if accelerator.num_processes > 1:
+        raise TunesmithError("ppo trains on one process (its rollouts are not sharded)",
+                             hint="run it without torchrun / accelerate launch")
+    say, obj, chat = accelerator.print, cfg.objective, prepared.chat
+    tokenizer.chat_template = chat.template  # saved with the weights: the tuned policy is prompted as trained
+    scorer = rewards.load(obj.reward, accelerator.device)
+    pv = ppo.PolicyAndValue(model).to(accelerator.device)
+    reference = ppo.make_reference(pv)
+    split = "test" if prepared.examples.get("test") else "validation"
+    n = cfg.eval.generate.prompts
+    held, held_ids = prepared.prompts.get(split, [])[:n], [e["input_ids"] for e in prepared.examples.get(split, [])[:n]]
+    settings = cfg.eval.generate.model_copy(update={"max_new_tokens": obj.max_new_tokens})
+    base = base_answers = None
+    if held:
+        base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
+        if resume and base_file.exists():
+            base = artifacts.read_json(base_file)[split]
+            base_answers = [Generation(**g) for g in artifacts.read_json(answers_file)]
+        else:
+            say(f"starting model answering {len(held)} {split} prompts ...")
+            base, base_answers = ppo.evaluate(pv, reference, scorer, chat, held, held_ids, settings, cfg.train.seed)
+            artifacts.write_json(base_file, {split: base})
+            artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
+        say(f"base {split} reward {base['reward']:.4f}, kl {base['kl']:.4f}")
+
+    trained = ppo.fit(pv=pv, reference=reference, scorer=scorer, chat=chat, prompts=prepared.prompts["train"],
+                      prompt_ids=[e["input_ids"] for e in prepared.examples["train"]], obj=obj, cfg=cfg.train,
+                      run_dir=run_dir, resume=resume, say=say)
+    results = answers = None
+    warnings = []
+    if held:
+        say(f"tuned model answering {len(held)} {split} prompts ...")
+        results, answers = ppo.evaluate(pv, reference, scorer, chat, held, held_ids, settings, cfg.train.seed)
+        if results["kl"] > obj.kl_bound:
+            warnings.append(f"the tuned model's KL to the reference on {split} prompts is {results['kl']:.2f} nats per "
+                            f"answer, above objective.kl_bound {obj.kl_bound}: it may be exploiting the reward; "
+                            "raise objective.kl.coef or lower objective.kl.target")
+    trainable, total = counts
+    summary = {
+        "name": cfg.name,
+        **({split: results} if results else {}),
+        "base": {split: base} if base else None,
+        "train": trained,
+        "params": {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)},
+        "checks": {"ok": not report.errors(), "dropped": dict(report.dropped),
+                   "findings": [{k: v for k, v in f.items() if k != "examples"}
+                                for f in report.to_dict()["findings"]]},
+        "kl_bound": obj.kl_bound,
+        "diagnosis": {"warnings": warnings},
+        "chat": {"template": chat.name if chat.template else None, "end_of_turn": chat.end_of_turn,
+                 "stop_ids": chat.stop_ids(), "system": chat.system},
+        "peak_memory_mb": artifacts.peak_memory_mb(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    model = pv.policy
+    model.generation_config.eos_token_id = chat.stop_ids()
+    if answers is not None:
+        summary["generation"] = {"prompts": len(answers), "max_new_tokens": settings.max_new_tokens,
+                                 "do_sample": settings.do_sample, "report": "compare.md"}
+        write_report(run_dir, f"{cfg.name}: starting model vs PPO-tuned policy on the {split} prompts",
+                     (cfg.model.name, str(run_dir)), (base, results), side_by_side(held, base_answers, answers))
+    save = getattr(tuning, "save", None) or artifacts.save_weights
+    summary["weights"] = save(run_dir, model, tokenizer)
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in pv.value_head.state_dict().items()},
+              run_dir / "value_head.safetensors")
+    artifacts.set_status(run_dir, "completed")
+    artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
+    if results:
+        print(f"\n{split} prompts ({len(held)})  {'start':>10}{'tuned':>10}")
+        for key in ("reward", "kl", "new_tokens"):
+            print(f"{key:<20}{base[key]:>10.4f}{results[key]:>10.4f}")
+        print(f"(kl: nats per answer against the reference; bound {obj.kl_bound})")
+    for line in warnings:
+        print(f"warning: {line}")
+    print(f"\nrun saved to {run_dir}")
     return summary

@@ -30,7 +30,7 @@ class Trained:
     cfg: RunConfig | None
     """The run's resolved config; None for a plain model folder."""
     chat: object = None
-    """The ChatFormat that prompts this model as it was trained (causal LMs), else None."""
+    """The ChatFormat that prompts this model as it was trained (causal LMs, reward models), else None."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """The run's generation settings (the defaults for a plain model)."""
     name: str = ""
@@ -49,7 +49,7 @@ def _head_of(model_dir: Path) -> str:
 def _chat_format(tokenizer, objective, obj_cfg, templated: bool):
     from .data.templates import ChatFormat
 
-    if objective.HEAD != "causal-lm":
+    if objective.HEAD != "causal-lm" and not getattr(objective, "CHAT", False):
         return None
     if templated and tokenizer.chat_template:  # the tuned tokenizer carries the template it was trained with
         return ChatFormat.build(tokenizer, "tokenizer", getattr(obj_cfg, "system", None))

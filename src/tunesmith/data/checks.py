@@ -29,8 +29,8 @@ SPLIT_PAIRS = (("train", "validation"), ("train", "test"), ("validation", "test"
 
 PROMPT_KEYS = ("prompt", "instruction", "question", "query")
 """Columns holding the prompt side of a row (alpaca's `input` is added to `instruction`)."""
-RESPONSE_KEYS = ("completion", "output", "response", "answer", "chosen", "rejected")
-"""Columns holding the response side (preference rows have two: chosen and rejected)."""
+RESPONSE_KEYS = ("completion", "output", "response", "answer", "chosen", "rejected", "responses")
+"""Columns holding the response side (preference rows have two: chosen and rejected; scored rows a list)."""
 CONVERSATION_KEYS = ("messages", "conversations")
 """Columns holding a list of turns ({role, content} or sharegpt's {from, value})."""
 ASSISTANT_ROLES = ("assistant", "gpt", "model", "bot")
@@ -46,13 +46,13 @@ def normalise(text: str) -> str:
 
 
 def _content(value) -> str:
-    """Plain text of a cell: a string, a turn ({content} / {value}), or a list of either."""
+    """Plain text of a cell: a string, a turn ({content} / {value}), a scored answer ({text}), or a list of them."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
-        return _content(value.get("content", value.get("value", "")))
+        return _content(value.get("content", value.get("value", value.get("text", ""))))
     if isinstance(value, (list, tuple)):
         return "\n".join(t for t in (_content(v) for v in value) if t)
     return str(value)

@@ -9,6 +9,12 @@ Every format documented in docs/formats.md (with an example row each) is read he
   messages           {"messages": [{"role", "content"}]}      OpenAI style, system allowed
   preference         {"prompt", "chosen", "rejected"}          (for preference objectives)
   sharegpt_preference {"conversations", "chosen": {"from", "value"}, "rejected": {...}}
+  prompt             {"prompt"}                                a prompt alone (for ppo, which writes its answers)
+  scored             {"prompt", "responses": [{"text", "score"}, ...]}   several scored answers per prompt
+
+Preference objectives (reward, dpo) read pairs: a preference row is one pair; a scored row gives a
+pair of its best answer with each strictly worse one (`scored_pairs`: ties give no pair, so a row
+whose answers all score the same gives none).
 
 A conversation is a list of `{"role": "system" | "user" | "assistant", "content": str}`; templates
 (data/templates.py) render conversations, never raw rows, so every format trains and generates the
@@ -28,11 +34,13 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),
+    "scored": ("prompt", "responses"),
     "prompt_completion": ("prompt", "completion"),
+    "prompt": ("prompt",),
     "text": ("text",),
 }
 SFT_FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
-PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
+PREFERENCE_FORMATS = ("preference", "sharegpt_preference", "scored")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system"}
@@ -71,16 +79,18 @@ def row_error(part, i: int, fmt: str | None, why: str = "", allowed=SFT_FORMATS)
 
 def split_format(part, wanted: str, allowed=SFT_FORMATS) -> str:
     """The format of a split: `wanted` unless auto, else detected from its first row."""
-    if wanted != "auto":
-        return wanted
-    fmt = detect(part.rows[0])
+    fmt = detect(part.rows[0]) if wanted == "auto" else wanted
     if fmt is None:
         raise row_error(part, 0, None, allowed=allowed)
     if fmt not in allowed:
+        where = "data.format" if wanted != "auto" else part.where(0)
+        columns = ", ".join(map(str, part.rows[0]))
+        hint = ("preference rows are for preference objectives; map a response column with data.columns "
+                "(e.g. {completion: chosen}) to fine-tune on it") if fmt in PREFERENCE_FORMATS else \
+            f"this objective needs preference pairs: {describe(allowed)}; name yours with data.columns " \
+            "(e.g. {chosen: better, rejected: worse})"
         raise DataError(f"the rows are in the {fmt} format, which this objective does not train on "
-                        f"(it reads: {', '.join(allowed)})", where=part.where(0),
-                        hint="preference rows are for preference objectives; map a response column with "
-                             "data.columns (e.g. {completion: chosen}) to fine-tune on it")
+                        f"(it reads: {', '.join(allowed)}); columns found: {columns}", where=where, hint=hint)
     return fmt
 
 
@@ -210,4 +220,41 @@ def conversations(part, fmt: str) -> list[Conversation | str]:
             out.append(to_conversation(row, fmt))
         except FormatError as e:
             raise row_error(part, i, fmt, str(e)) from None
+    return out
+
+
+def scored_pairs(responses) -> list[tuple[str, str]]:
+    """(chosen, rejected) pairs of a scored row: its best answer against every answer scored strictly lower.
+
+    The best is the first of the highest score; ties with it give no pair (no preference to learn), so
+    n answers give at most n - 1 pairs, all sharing the best answer. Raises FormatError.
+    """
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise FormatError("responses must be a list of at least two {text, score} answers")
+    answers = []
+    for i, r in enumerate(responses):
+        if not isinstance(r, dict) or "text" not in r or "score" not in r:
+            raise FormatError(f"response {i} needs 'text' and 'score'")
+        if not isinstance(r["score"], (int, float)) or isinstance(r["score"], bool):
+            raise FormatError(f"response {i} has score {r['score']!r}; scores are numbers")
+        answers.append((_text(r["text"], f"response {i} text"), float(r["score"])))
+    best, top = max(answers, key=lambda a: a[1])
+    return [(best, text) for text, score in answers if score < top]
+
+
+def preference_pairs(part, fmt: str) -> list[tuple[int, Conversation, str, str]]:
+    """Every (row index, prompt conversation, chosen, rejected) of a split, each failure reported with its row."""
+    out = []
+    for i, row in enumerate(part.rows):
+        try:
+            if fmt == "scored":
+                missing = [k for k in SIGNATURES[fmt] if k not in row]
+                if missing:
+                    raise FormatError(f"missing {', '.join(missing)}")
+                prompt = _with_system(row, _prompt_messages(row["prompt"]))
+                out += [(i, prompt, c, r) for c, r in scored_pairs(row["responses"])]
+            else:
+                out.append((i, *to_preference(row, fmt)))
+        except FormatError as e:
+            raise row_error(part, i, fmt, str(e), allowed=PREFERENCE_FORMATS) from None
     return out

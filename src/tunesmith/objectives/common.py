@@ -9,6 +9,10 @@ An objective module provides, next to its `Config`:
   metrics(outputs, cfg) -> dict of floats
 and optionally
   GENERATION_METRICS  metrics of generated answers, measured once after training (sft)
+  CHAT                True if it renders chats with a template though its head is no LM (reward)
+  check(cfg, model_config)  combinations that cannot work, found from the model's config alone
+  attach_reference(model, examples, cfg, batch_size, pad_id, accelerator)  run once on the starting model
+                      before base scoring, to store what training compares against (dpo's reference log-probs)
 """
 
 from __future__ import annotations

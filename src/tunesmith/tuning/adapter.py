@@ -19,6 +19,7 @@ run keeps the adapters apart from the base. They are saved as safetensors (adapt
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -77,6 +78,8 @@ class Bottleneck(nn.Module):
         self.up = nn.Linear(bottleneck, hidden)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.enabled = True
+        """False inside `disabled(model)`: the sublayer's output passes unchanged."""
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         # the adapter keeps its own dtype (fp32) under a bf16 base
@@ -85,7 +88,25 @@ class Bottleneck(nn.Module):
 
 
 def _run_adapter(module, args, output):
-    return module.adapter(output)
+    return module.adapter(output) if module.adapter.enabled else output
+
+
+@contextmanager
+def disabled(model):
+    """Run the model as its base inside this block: every adapter passes its input through (what a DPO
+    reference needs, with no second copy of the weights; like peft's `disable_adapter`)."""
+    adapters = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    for m in adapters:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in adapters:
+            m.enabled = True
+
+
+def has_adapters(model) -> bool:
+    return any(isinstance(m, Bottleneck) for m in model.modules())
 
 
 def sublayers(cfg: Config, model_type: str) -> list[str]:

@@ -102,6 +102,8 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
     config = build_config(cfg.model, model_kwargs, resolved)
     if hasattr(tuning, "check"):
         tuning.check(cfg.tuning, config, head)
+    if hasattr(OBJECTIVES[cfg.objective.kind], "check"):
+        OBJECTIVES[cfg.objective.kind].check(cfg.objective, config)
     if hasattr(tuning, "load_kwargs") and resolved.startswith("arch:"):
         raise ConfigError(f"tuning {cfg.tuning.kind!r} quantizes pretrained weights, and {cfg.model.name} has none "
                           "(an arch: model is random)", where="model.name",
