@@ -104,6 +104,22 @@ def answer_prompts(model, chat, items: list[dict], cfg: RunConfig, say, who: str
     return scores, answers, round(time.perf_counter() - tick, 1)
 
 
+def params_summary(trainable: int, total: int) -> dict:
+    return {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)}
+
+
+def checks_summary(report: Report) -> dict:
+    """The data checks for summary.json (the example rows stay in the data card)."""
+    return {"ok": not report.errors(), "dropped": dict(report.dropped),
+            "findings": [{k: v for k, v in f.items() if k != "examples"} for f in report.to_dict()["findings"]]}
+
+
+def chat_summary(chat) -> dict:
+    """How the model is prompted, so inference renders as training did."""
+    return {"template": chat.name if chat.template else None, "end_of_turn": chat.end_of_turn,
+            "stop_ids": chat.stop_ids(), "system": chat.system}
+
+
 def print_card(card: dict) -> None:
     print("data card")
     for split in ("train", "validation", "test", "replay"):
@@ -258,18 +274,15 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         **results,
         "base": base,
         "train": {k: v for k, v in trained.items() if k != "validation_history"},
-        "params": {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)},
-        "checks": {"ok": not report.errors(), "dropped": dict(report.dropped),
-                   "findings": [{k: v for k, v in f.items() if k != "examples"}
-                                for f in report.to_dict()["findings"]]},
+        "params": params_summary(trainable, total),
+        "checks": checks_summary(report),
         "forgetting": forgot,
         "diagnosis": diagnosis,
         "peak_memory_mb": artifacts.peak_memory_mb(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     if chat is not None:
-        summary["chat"] = {"template": chat.name if chat.template else None, "end_of_turn": chat.end_of_turn,
-                           "stop_ids": chat.stop_ids(), "system": chat.system}
+        summary["chat"] = chat_summary(chat)
         if chat.template is not None and objective.HEAD == "causal-lm":
             # plain transformers `generate` on the saved model then stops at the end of a turn too
             model.generation_config.eos_token_id = chat.stop_ids()
@@ -347,14 +360,11 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
         **({split: results} if results else {}),
         "base": {split: base} if base else None,
         "train": trained,
-        "params": {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)},
-        "checks": {"ok": not report.errors(), "dropped": dict(report.dropped),
-                   "findings": [{k: v for k, v in f.items() if k != "examples"}
-                                for f in report.to_dict()["findings"]]},
+        "params": params_summary(trainable, total),
+        "checks": checks_summary(report),
         "kl_bound": obj.kl_bound,
         "diagnosis": {"warnings": warnings},
-        "chat": {"template": chat.name if chat.template else None, "end_of_turn": chat.end_of_turn,
-                 "stop_ids": chat.stop_ids(), "system": chat.system},
+        "chat": chat_summary(chat),
         "peak_memory_mb": artifacts.peak_memory_mb(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
