@@ -261,3 +261,21 @@ def test_flat_loss_that_rose_first_asks_for_a_lower_learning_rate():
     assert "lower train.lr (now 0.001; try 0.0001)" in found[0]["suggestion"] and "step 15" in found[0]["finding"]
     found = _underfitting(calm, [], {}, cfg, "loss", None, {}, None, overfit=False)
     assert "raise train.lr (now 0.001; try 0.01)" in found[0]["suggestion"]
+
+
+def test_flat_loss_reads_a_short_last_log_with_the_one_before():
+    """The last log of a run often covers only the steps left at the epoch's end; a 2-step mean must not
+    decide that the loss rose (and flip the advice to a lower learning rate)."""
+    from types import SimpleNamespace
+
+    from tunesmith.evaluate.diagnose import _even_windows, _underfitting
+
+    cfg = SimpleNamespace(train=SimpleNamespace(lr=5e-4, epochs=1, max_steps=32))
+    logs = [{"step": 10, "loss": 1.7067}, {"step": 20, "loss": 1.6897}, {"step": 30, "loss": 1.6296},
+            {"step": 32, "loss": 2.0579}]
+    windows = _even_windows(logs)
+    assert [w["step"] for w in windows] == [10, 20, 32]
+    assert abs(windows[-1]["loss"] - (1.6296 * 10 + 2.0579 * 2) / 12) < 1e-9
+    found = _underfitting(logs, [], {}, cfg, "loss", None, {}, None, overfit=False)
+    assert "over steps 21-32" in found[0]["finding"] and "after rising" not in found[0]["finding"]
+    assert "raise train.lr" in found[0]["suggestion"]

@@ -152,12 +152,36 @@ def _watched_worsened(evals: list[dict], watch: str) -> str | None:
     return None
 
 
+def _even_windows(logs: list[dict]) -> list[dict]:
+    """Training-loss logs with each short log (fewer than half the usual steps, e.g. the few steps left at
+    an epoch's end) folded into the one before it, weighted by steps: a 2-step mean is too noisy to
+    compare with a 10-step one."""
+    out: list[dict] = []
+    prev = 0
+    for log in logs:
+        span = log["step"] - prev
+        prev = log["step"]
+        if out and span * 2 < out[0]["span"]:
+            last = out[-1]
+            total = last["span"] + span
+            out[-1] = {"step": log["step"], "span": total,
+                       "loss": (last["loss"] * last["span"] + log["loss"] * span) / total}
+        else:
+            out.append({"step": log["step"], "span": span, "loss": log["loss"]})
+    return out
+
+
+def _steps(window: dict) -> str:
+    return f"{window['step'] - window['span'] + 1}-{window['step']}"
+
+
 def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overfit: bool) -> list[dict]:
     """Signs that the model barely learned, each with the change to try. A run that overfit did learn
     (its training data): a learning rate or length too small is then not the explanation."""
     found = []
     lr, epochs = cfg.train.lr, cfg.train.epochs
     flat = tiny = unstable = False
+    logs = _even_windows(logs)
     if len(logs) >= 2 and not overfit:
         first, last = logs[0]["loss"], logs[-1]["loss"]
         if first > 0 and (first - last) / first < FLAT_LOSS:
@@ -165,8 +189,8 @@ def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overf
             # A loss that climbed above where it started before settling was pushed too hard, not too gently.
             peak = max(logs[1:], key=lambda log: log["loss"])
             unstable = peak["loss"] > first * (1 + FLAT_LOSS / 2)
-            found.append({"finding": f"training loss barely moved: {first:.4f} at step {logs[0]['step']}, "
-                                     f"{last:.4f} at step {logs[-1]['step']} ({(last - first) / first:+.1%})"
+            found.append({"finding": f"training loss barely moved: {first:.4f} over steps {_steps(logs[0])}, "
+                                     f"{last:.4f} over steps {_steps(logs[-1])} ({(last - first) / first:+.1%})"
                                      + (f", after rising to {peak['loss']:.4f} at step {peak['step']}" if unstable
                                         else ""),
                           "suggestion": f"lower train.lr (now {lr:g}; try {lr / 10:g}): a loss that rises first is a "
