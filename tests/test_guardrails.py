@@ -279,3 +279,9 @@ def test_flat_loss_reads_a_short_last_log_with_the_one_before():
     found = _underfitting(logs, [], {}, cfg, "loss", None, {}, None, overfit=False)
     assert "over steps 21-32" in found[0]["finding"] and "after rising" not in found[0]["finding"]
     assert "raise train.lr" in found[0]["suggestion"]
+    # the same flat training loss with validation loss 6.7% below the base model's: the run learned
+    base = {"validation": {"loss": 1.4987}}
+    found = _underfitting(logs, [], {}, cfg, "loss", base, {"validation": {"loss": 1.3985}}, None, overfit=False)
+    assert not any("barely moved" in f["finding"] for f in found)
+    found = _underfitting(logs, [], {}, cfg, "loss", base, {"validation": {"loss": 1.47}}, None, overfit=False)
+    assert "barely moved" in found[0]["finding"]

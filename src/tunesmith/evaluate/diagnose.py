@@ -182,7 +182,13 @@ def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overf
     lr, epochs = cfg.train.lr, cfg.train.epochs
     flat = tiny = unstable = False
     logs = _even_windows(logs)
-    if len(logs) >= 2 and not overfit:
+    # A noisy training loss on ever-new rows can look flat while held-out loss clearly fell below the base
+    # model's: that run learned, and "still improving" (below) is the advice that fits.
+    base_loss = ((base or {}).get("validation") or {}).get("loss")
+    tuned_loss = (results.get("validation") or {}).get("loss")
+    learned = base_loss is not None and tuned_loss is not None and base_loss > 0 and \
+        (base_loss - tuned_loss) / base_loss >= FLAT_LOSS / 2
+    if len(logs) >= 2 and not overfit and not learned:
         first, last = logs[0]["loss"], logs[-1]["loss"]
         if first > 0 and (first - last) / first < FLAT_LOSS:
             flat = True
