@@ -284,3 +284,19 @@ def test_precomputed_reference_is_stored_and_training_runs_one_forward(tiny_llam
     out = dpo.loss(model.train(), collate(examples, tok.pad_token_id), dpo.Config())
     hook.remove()
     assert len(calls) == 1 and out.total.item() == pytest.approx(6 * math.log(2), rel=1e-4)
+
+
+@pytest.mark.parametrize("tuning", ["{kind: full}", "{kind: lora, r: 4}"])
+def test_eval_of_a_finished_dpo_run_scores_against_its_starting_model(tuning, tiny_llama, preference_dir, in_tmp,
+                                                                      capsys):
+    """`tunesmith eval` repeats the run's own test scores: a full run reloads its starting model as the
+    reference (it has no adapter to switch off), a LoRA run switches its adapter off."""
+    cfg = preference_config(in_tmp / "c.yaml", tiny_llama, preference_dir, tuning)
+    assert main(["train", str(cfg)]) == 0
+    summary = json.loads((in_tmp / "runs" / "tiny" / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(in_tmp / "runs" / "tiny"), "--data", str(preference_dir / "test.jsonl")]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert summary["test"]["reward_accuracy"] > 0.5  # it learned, so a wrong reference would show
+    for key in ("loss", "reward_accuracy", "reward_margin"):
+        assert scores[key] == pytest.approx(summary["test"][key], abs=1e-4), key

@@ -71,6 +71,8 @@ def cmd_eval(args) -> int:
     assert isinstance(found, Split)
     part = rename_columns(found, {k: v for k, v in trained.data_cfg.columns.items() if v in found.columns()})
     prepared = trained.objective.prepare({args.split: part}, trained.tokenizer, trained.obj_cfg, trained.data_cfg)
+    if hasattr(trained.objective, "attach_reference_for"):  # dpo scores against its starting model
+        trained.objective.attach_reference_for(trained, prepared.examples, args.batch_size)
     scores = evaluate(trained.model, trained.objective, trained.obj_cfg, prepared.examples[args.split],
                       args.batch_size, trained.tokenizer.pad_token_id, None, args.split)
     print(json.dumps({"split": args.split, "rows": len(part.rows), **scores}, indent=2))
