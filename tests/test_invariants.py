@@ -195,6 +195,39 @@ def test_same_seed_repeats_exactly(case, request, in_tmp):
     assert sa["test"] == sb["test"] and sa["diagnosis"]["gap"] == sb["diagnosis"]["gap"]
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.objective in ("clm", "sft", "dpo")],
+                         ids=["clm", "sft", "dpo"])
+def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing_else(case, request, in_tmp, monkeypatch):
+    """train.gradient_checkpointing: blocks run again during backward (so activations were not kept), and
+    the trained weights equal those of the same run without it (LoRA dropout on: its randomness is replayed)."""
+    from safetensors.torch import load_file
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    # count a module inside the block: the block's own forward is wrapped by transformers for checkpointing
+    real = modeling_llama.LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    model = request.getfixturevalue(case.model)
+    cfg = case.config(in_tmp / "c.yaml", model, _data(case, in_tmp), "{kind: lora, r: 4, dropout: 0.1}",
+                      "eval: {compare_base: false}\n")
+    counts = {}
+    for name, flag in (("plain", "false"), ("ckpt", "true")):
+        calls["n"] = 0
+        assert main(["train", str(cfg), "train.max_steps=6", "train.eval_every=6", f"name={name}",
+                     f"train.gradient_checkpointing={flag}"]) == 0
+        counts[name] = calls["n"]
+    assert counts["ckpt"] > counts["plain"]  # the recomputation during backward
+    wa, wb = (load_file(in_tmp / "runs" / r / "adapter" / "adapter_model.safetensors") for r in ("plain", "ckpt"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(case, request, in_tmp, capsys, monkeypatch):
     from tunesmith.objectives import OBJECTIVES

@@ -101,7 +101,7 @@ def plan(cfg: RunConfig) -> dict:
     trainable, total = count_parameters(model)
 
     quantized = hasattr(tuning, "load_kwargs")  # the base is loaded quantized (qlora)
-    checkpointing = getattr(cfg.tuning, "gradient_checkpointing", False)
+    checkpointing = uses_checkpointing(cfg)
     # k-bit preparation keeps every non-quantized frozen weight in fp32
     current = memory(trainable=trainable, frozen=total - trainable, frozen_bytes=FP32 if quantized else frozen_bytes,
                      packed=packed if quantized else None, activations=act(checkpointing))
@@ -118,6 +118,11 @@ def plan(cfg: RunConfig) -> dict:
     return {"model": cfg.model.name, "architecture": type(base).__name__, "trainable": trainable, "total": total,
             "dtype": str(dtype).replace("torch.", ""), "memory": current,
             "quantized": packed if quantized else None, "compare": compare}
+
+
+def uses_checkpointing(cfg: RunConfig) -> bool:
+    """train.gradient_checkpointing, or qlora's own switch (on by default, part of its recipe)."""
+    return cfg.train.gradient_checkpointing or getattr(cfg.tuning, "gradient_checkpointing", False)
 
 
 def render(result: dict, cfg: RunConfig) -> str:
@@ -140,7 +145,7 @@ def render(result: dict, cfg: RunConfig) -> str:
         ]
     base = "4-bit + fp32" if q else result["dtype"]
     lines.append(f"training memory estimate (base weights {base}, batch {cfg.train.batch_size} x "
-                 f"{cfg.data.max_length} tokens{', gradient checkpointing' if getattr(cfg.tuning, 'gradient_checkpointing', False) else ''}):")
+                 f"{cfg.data.max_length} tokens{', gradient checkpointing' if uses_checkpointing(cfg) else ''}):")
     labels = {"weights": "weights", "gradients": "gradients", "optimizer": "AdamW state", "activations": "activations"}
     for key, label in labels.items():
         lines.append(f"  {label:<16}{_size(mem[key]):>12}")

@@ -41,7 +41,7 @@ from .regimes import REGIMES
 from .train.checkpoint import trainable_state
 from .train.loop import fit
 from .tuning import TUNINGS
-from .tuning.common import check_before_loading, load_base
+from .tuning.common import check_before_loading, enable_gradient_checkpointing, load_base
 
 
 def precision_and_dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
@@ -205,6 +205,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     set_seed(cfg.train.seed)
     model = load_base(cfg, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
     model = tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     say(format_parameters(trainable, total))
     model.to(accelerator.device)

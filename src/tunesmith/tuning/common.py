@@ -111,3 +111,15 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
     model = build_on_meta(cfg.model, head, model_kwargs)
     with torch.device("meta"):
         tuning.apply(model, cfg.tuning, head)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute block activations in backward (`train.gradient_checkpointing`). Non-reentrant checkpoints
+    need no input that requires grad (frozen embeddings are fine) and replay dropout's random state, so the
+    gradients equal those without checkpointing."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing",
+                          where="train.gradient_checkpointing", hint="set it to false")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
