@@ -166,3 +166,53 @@ def test_plan_plans_every_stage(in_tmp, tiny_llama, instruction_dir, preference_
         "=== stage 1/3: sft (sft) ===", "=== stage 2/3: rm (reward) ===", "=== stage 3/3: rl (ppo) ==="]
     assert out.count("trainable params") == 3
     assert not (in_tmp / "runs").exists()
+
+
+def test_sft_then_dpo_in_one_run_uses_the_sft_model_as_the_dpo_reference(in_tmp, tiny_llama, instruction_dir,
+                                                                          preference_dir):
+    """The sft -> dpo hybrid: the dpo stage starts from (and is judged against) the sft stage's weights, not
+    the original model, and learns the preference."""
+    from tunesmith.cli import main
+    from tunesmith.objectives import dpo
+    from tunesmith.data.sources import read
+    from tunesmith.evaluate.score import evaluate
+    from tunesmith.trained import load_trained
+
+    text = f"""\
+name: sd
+model: {tiny_llama}
+data: {{train: {instruction_dir}, max_length: 32}}
+tuning: {{kind: full}}
+train: {{epochs: 1, batch_size: 8, lr: 3.0e-3, seed: 0, log_every: 4}}
+eval: {{forgetting: {{enabled: false}}, generate: {{max_new_tokens: 8, prompts: 8}}}}
+stages:
+  - name: sft
+    objective: {{kind: sft}}
+  - name: dpo
+    data: {{train: {preference_dir}}}
+    tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.0}}
+    objective: {{kind: dpo, beta: 0.5}}
+    train: {{epochs: 3, lr: 1.0e-2, eval_every: 8}}
+"""
+    cfg = in_tmp / "sd.yaml"
+    cfg.write_text(text, encoding="utf-8")
+    assert main(["train", str(cfg)]) == 0
+    root = in_tmp / "runs" / "sd"
+    assert "name: runs/sd/stages/1-sft/model\n" in (root / "stages" / "2-dpo" / "config.yaml").read_text()
+    second = json.loads((root / "stages" / "2-dpo" / "summary.json").read_text())
+    assert second["validation"]["reward_accuracy"] > 0.7 > second["base"]["validation"]["reward_accuracy"] == 0.5
+
+    # the dpo stage's starting log-probs are the sft model's, not the original model's
+    def chosen_logps(model_ref) -> float:
+        m = load_trained(model_ref, head="causal-lm")
+        part = read(str(preference_dir))["test"]
+        examples = dpo.prepare({"test": part}, m.tokenizer, dpo.Config(beta=0.5), m.data_cfg).examples
+        dpo.attach_reference(m.model, examples, dpo.Config(precompute_ref=True), 8, m.tokenizer.pad_token_id)
+        return evaluate(m.model, dpo, dpo.Config(beta=0.5), examples["test"], 8, m.tokenizer.pad_token_id, None,
+                        "test")["chosen_logps"]
+
+    started = second["base"]["test"]["chosen_logps"]
+    assert started == pytest.approx(chosen_logps(root / "stages" / "1-sft" / "model"), abs=1e-4)
+    assert abs(started - chosen_logps(tiny_llama)) > 0.1
+    top = json.loads((root / "summary.json").read_text())
+    assert [s["stage"] for s in top["stages"]] == ["sft", "dpo"]
