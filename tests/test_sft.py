@@ -140,3 +140,23 @@ def test_generation_metrics_can_be_turned_off(in_tmp, tiny_llama, instruction_di
                 "train.max_steps=2")
     s = json.loads((run / "summary.json").read_text())
     assert "stop_rate" not in s["test"] and "generation" not in s and not (run / "compare.md").exists()
+
+
+def test_streamed_chat_prints_each_answer_once_as_it_is_generated(full_run, monkeypatch):
+    """At a terminal the answer is streamed: its text is already out when generation returns, and what was
+    printed is the reply kept in the conversation, once."""
+    from tunesmith.serve import chat
+    from tunesmith.trained import load_trained
+
+    trained = load_trained(full_run)
+    settings = trained.generate.model_copy(update={"max_new_tokens": 12})
+    out, printed_by_then = io.StringIO(), []
+    real = chat.answer
+    monkeypatch.setattr(chat, "answer", lambda *a, **k: (r := real(*a, **k), printed_by_then.append(out.getvalue()))[0])
+    messages = chat.chat_loop(trained, settings, io.StringIO("the movie was\n"), out, stream=True)
+    reply = messages[-1]["content"]
+    assert reply and printed_by_then[0].strip() == reply
+    assert out.getvalue().strip().removesuffix("[...]").strip() == reply
+    out, printed_by_then[:] = io.StringIO(), []
+    chat.chat_loop(trained, settings, io.StringIO("the movie was\n"), out, stream=False)
+    assert printed_by_then == [""] and out.getvalue().strip().removesuffix("[...]").strip() == reply
