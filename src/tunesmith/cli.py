@@ -22,10 +22,21 @@ def cmd_train(args) -> int:
 
     if stages.is_staged(args.config):
         stages.run(stages.load(args.config, args.overrides), resume=args.resume, force=args.force)
-        return 0
-    cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume, force=args.force)
+    else:
+        train(load_config(args.config, args.overrides), resume=args.resume, force=args.force)
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, close the process group once every process is done: left to interpreter exit, gloo's
+    threads can be torn down mid-flight and abort a process ("terminate called without an active exception")
+    after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_check(args) -> int:
