@@ -86,3 +86,14 @@ def test_hub_id_offline_fails_fast_naming_samples(in_tmp, capsys, monkeypatch):
     assert time.perf_counter() - start < 10
     assert "'someorg/some-model' is not a local folder" in err and "sample:minilm-l6" in err
     assert_no_finished_run(in_tmp)
+
+
+def test_gradient_checkpointing_on_a_model_without_it_fails_before_the_run_folder(in_tmp, tiny_bert, capsys,
+                                                                                   monkeypatch):
+    from transformers.models.bert import modeling_bert
+
+    monkeypatch.setattr(modeling_bert.BertPreTrainedModel, "supports_gradient_checkpointing", False)
+    cfg = classify_config(in_tmp / "c.yaml", tiny_bert, data_dir(in_tmp))
+    err = run_cli(["train", str(cfg), "train.gradient_checkpointing=true"], capsys)
+    assert "train.gradient_checkpointing" in err and "does not support gradient checkpointing" in err
+    assert not (in_tmp / "runs").exists()

@@ -31,10 +31,10 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def staged_config(path: Path, model: Path, instructions: Path, preferences: Path, third: str = "ppo") -> Path:
-    """sft (full) -> a reward model (LoRA, from the sft weights) -> ppo (LoRA) against that reward model."""
+def _with_sft_first(path: Path, name: str, model: Path, instructions: Path, later_stages: str) -> Path:
+    """A staged config on the tiny model whose first stage is full sft on `instructions`."""
     text = f"""\
-name: hybrid
+name: {name}
 model: {model}
 data: {{train: {instructions}, max_length: 32}}
 tuning: {{kind: full}}
@@ -43,6 +43,14 @@ eval: {{forgetting: {{enabled: false}}, generate: {{max_new_tokens: 8, prompts: 
 stages:
   - name: sft
     objective: {{kind: sft}}
+""" + later_stages
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def staged_config(path: Path, model: Path, instructions: Path, preferences: Path, third: str = "ppo") -> Path:
+    """sft (full) -> a reward model (LoRA, from the sft weights) -> ppo (LoRA) against that reward model."""
+    return _with_sft_first(path, "hybrid", model, instructions, f"""\
   - name: rm
     data: {{train: {preferences}}}
     tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.1}}
@@ -53,9 +61,7 @@ stages:
     tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.0}}
     data: {{train: {preferences}, max_rows: {{test: 8}}}}
     train: {{max_steps: 4, batch_size: 16, log_every: 2}}
-"""
-    path.write_text(text, encoding="utf-8")
-    return path
+""")
 
 
 @pytest.fixture(scope="module")
@@ -178,24 +184,13 @@ def test_sft_then_dpo_in_one_run_uses_the_sft_model_as_the_dpo_reference(in_tmp,
     from tunesmith.evaluate.score import evaluate
     from tunesmith.trained import load_trained
 
-    text = f"""\
-name: sd
-model: {tiny_llama}
-data: {{train: {instruction_dir}, max_length: 32}}
-tuning: {{kind: full}}
-train: {{epochs: 1, batch_size: 8, lr: 3.0e-3, seed: 0, log_every: 4}}
-eval: {{forgetting: {{enabled: false}}, generate: {{max_new_tokens: 8, prompts: 8}}}}
-stages:
-  - name: sft
-    objective: {{kind: sft}}
+    cfg = _with_sft_first(in_tmp / "sd.yaml", "sd", tiny_llama, instruction_dir, f"""\
   - name: dpo
     data: {{train: {preference_dir}}}
     tuning: {{kind: lora, r: 4, alpha: 8, dropout: 0.0}}
     objective: {{kind: dpo, beta: 0.5}}
     train: {{epochs: 3, lr: 1.0e-2, eval_every: 8}}
-"""
-    cfg = in_tmp / "sd.yaml"
-    cfg.write_text(text, encoding="utf-8")
+""")
     assert main(["train", str(cfg)]) == 0
     root = in_tmp / "runs" / "sd"
     assert "name: runs/sd/stages/1-sft/model\n" in (root / "stages" / "2-dpo" / "config.yaml").read_text()

@@ -217,20 +217,23 @@ def attach_reference_for(trained, examples: dict[str, list[dict]], batch_size: i
     """Scoring a finished run (`tunesmith eval`): give its examples the reference log-probs. A run whose
     tuning has an adapter to switch off is its own reference; a full or freeze run trained the base weights,
     so its starting model (`model` in its config) is loaded again to compute them."""
-    if reference_switch(trained.model) is not None and not trained.obj_cfg.precompute_ref:
+    has_switch = reference_switch(trained.model) is not None
+    if has_switch and not trained.obj_cfg.precompute_ref:
         return  # computed on the fly with the adapter off
-    reference = trained.model
-    if reference_switch(trained.model) is None:
-        from pathlib import Path
-
-        from .. import artifacts
-        from ..models.load import load_model
-
-        if trained.cfg.model.name.startswith("arch:"):
-            raise TunesmithError(f"{trained.name} started from a random {trained.cfg.model.name} model, which "
-                                 "cannot be rebuilt as its DPO reference", where="model.name")
-        kwargs = artifacts.read_json(Path(trained.name) / artifacts.MANIFEST)["model_kwargs"]
-        reference = load_model(trained.cfg.model, HEAD, kwargs, torch.float32, trained.tokenizer.pad_token_id).eval()
+    reference = trained.model if has_switch else _starting_model(trained)
     cfg = trained.obj_cfg.model_copy(update={"precompute_ref": True})
     attach_reference(reference, examples, cfg, batch_size, trained.tokenizer.pad_token_id)
 
+
+def _starting_model(trained):
+    """A finished run's base model, loaded as the run loaded it (in fp32)."""
+    from pathlib import Path
+
+    from .. import artifacts
+    from ..models.load import load_model
+
+    if trained.cfg.model.name.startswith("arch:"):
+        raise TunesmithError(f"{trained.name} started from a random {trained.cfg.model.name} model, which "
+                             "cannot be rebuilt as its DPO reference", where="model.name")
+    kwargs = artifacts.read_json(Path(trained.name) / artifacts.MANIFEST)["model_kwargs"]
+    return load_model(trained.cfg.model, HEAD, kwargs, torch.float32, trained.tokenizer.pad_token_id).eval()

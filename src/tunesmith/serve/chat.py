@@ -31,7 +31,7 @@ def chat_loop(trained, settings, stdin: TextIO, stdout: TextIO, *, as_json: bool
     """Run the conversation until /exit or end of input; returns it (the messages exchanged).
     `stream` (default: when interactive and not json) prints each answer while it is generated."""
     messages: list[dict] = []
-    stream = interactive and not as_json if stream is None else stream and not as_json
+    stream = (interactive if stream is None else stream) and not as_json
 
     def write(text: str) -> None:
         stdout.write(text)

@@ -109,6 +109,8 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
                           "(an arch: model is random)", where="model.name",
                           hint="use arch: models with `tunesmith plan`, or train from a model folder or sample")
     model = build_on_meta(cfg.model, head, model_kwargs)
+    if cfg.train.gradient_checkpointing:
+        _checkpointable(model)
     with torch.device("meta"):
         tuning.apply(model, cfg.tuning, head)
 
@@ -117,9 +119,13 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute block activations in backward (`train.gradient_checkpointing`). Non-reentrant checkpoints
     need no input that requires grad (frozen embeddings are fine) and replay dropout's random state, so the
     gradients equal those without checkpointing."""
+    _checkpointable(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _checkpointable(model):
+    """The transformers model inside (a peft wrapper's base), if it supports gradient checkpointing."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing",
                           where="train.gradient_checkpointing", hint="set it to false")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
+    return inner
