@@ -9,6 +9,7 @@
   adapter/         peft adapter + tokenizer (parameter-efficient tunings), or
   model/           full weights (safetensors) + tokenizer
   summary.json     final metrics of the tuned model and of its base; written last
+  .tunesmith-run   marker: tunesmith made this folder (only such a folder is replaced by --force)
 
 A run is finished only when summary.json exists, and it is written last, by an atomic rename.
 """
@@ -27,6 +28,10 @@ from pathlib import Path
 from .errors import TunesmithError
 
 SUMMARY, STATUS, CONFIG, MANIFEST = "summary.json", "status.json", "config.yaml", "manifest.json"
+MARKER = ".tunesmith-run"
+"""Written into every run folder tunesmith creates; --force deletes only folders that carry it."""
+LOCK = ".lock"
+"""Held (flock) by the process writing the run, so two runs of one name never share a folder."""
 
 
 def write_json(path: Path, data) -> None:
@@ -44,9 +49,27 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / SUMMARY).exists()
 
 
+def made_by_tunesmith(run_dir: Path) -> bool:
+    """The folder carries the marker tunesmith writes into every run folder it creates."""
+    return (run_dir / MARKER).is_file() and not run_dir.is_symlink()
+
+
+def _is_empty(run_dir: Path) -> bool:
+    return not any(p.name != LOCK for p in run_dir.iterdir())
+
+
 def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to clobber an existing run unless told how (only reads; nothing is written)."""
-    if not run_dir.exists() or force:
+    """Refuse to clobber an existing run unless told how (only reads; nothing is written).
+
+    `--force` replaces only a folder tunesmith made (it holds the marker file): never a folder of the user's
+    that happens to have the run's name."""
+    if not run_dir.exists() or (run_dir.is_dir() and not run_dir.is_symlink() and _is_empty(run_dir)):
+        return
+    if not made_by_tunesmith(run_dir):
+        raise TunesmithError(f"{run_dir} exists and is not a run folder made by tunesmith (it has no {MARKER} marker); "
+                             "tunesmith neither writes into it nor deletes it, --force included",
+                             hint="give the run another name (name=...) or another output.dir, or move that folder")
+    if force:
         return
     if is_finished(run_dir):
         raise TunesmithError(f"{run_dir} already holds a finished run",
@@ -58,8 +81,24 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    """Empty a run folder tunesmith made (for --force); anything else is refused, whatever the caller checked."""
+    if not run_dir.exists():
+        return
+    if not made_by_tunesmith(run_dir):
+        raise TunesmithError(f"refusing to delete {run_dir}: it is not a run folder made by tunesmith (no {MARKER})")
+    for child in run_dir.iterdir():
+        if child.name == LOCK:
+            continue  # held by this process while it replaces the run
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def mark_run_dir(run_dir: Path) -> None:
+    """Create the run folder with its marker: the proof that --force may later replace it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("a tunesmith run folder: `tunesmith train --force` may replace it\n", encoding="utf-8")
 
 
 def set_status(run_dir: Path, state: str, **extra) -> None:

@@ -180,7 +180,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     if main:
         if force:
             artifacts.clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.mark_run_dir(run_dir)
         artifacts.set_status(run_dir, "running")
         (run_dir / artifacts.CONFIG).write_text(dump(cfg), encoding="utf-8")
         artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, prepared.model_kwargs))

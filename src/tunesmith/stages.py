@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import artifacts
-from .config import RunConfig, apply_override, read_yaml, validate
+from .config import RunConfig, apply_override, check_run_name, read_yaml, validate
 from .errors import ConfigError, TunesmithError
 
 KINDED = ("tuning", "objective", "regime")
@@ -93,6 +93,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Staged:
         apply_override(data, text, src)
     data.setdefault("name", Path(path).stem)
     raw = data.pop("stages")
+    try:
+        check_run_name(str(data["name"]))
+    except ValueError as e:
+        raise ConfigError(str(e), where=src.where(("name",))) from None
     if not isinstance(raw, list) or not raw:
         raise ConfigError("stages must be a non-empty list of partial configs", where=src.where(("stages",)))
     root = Path((data.get("output") or {}).get("dir", "runs")) / str(data["name"])
@@ -197,15 +201,10 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
     from .run import train
 
     started, root = time.perf_counter(), staged.root
-    if root.exists() and not force and not resume:
-        state = "finished" if artifacts.is_finished(root) else "unfinished"
-        raise TunesmithError(f"{root} holds a {state} staged run",
-                             hint="pass --resume to continue it (finished stages are kept), or --force to start over")
-    if root.exists() and artifacts.is_finished(root) and not force:
-        raise TunesmithError(f"{root} already holds a finished run", hint="pass --force to overwrite it")
+    artifacts.check_run_dir(root, resume=resume, force=force)
     if force:
         artifacts.clear_run_dir(root)
-    root.mkdir(parents=True, exist_ok=True)
+    artifacts.mark_run_dir(root)
     (root / "staged-config.yaml").write_text(staged.text, encoding="utf-8")
     artifacts.set_status(root, "running")
     policy, runs, policies, results = None, {}, {}, []
