@@ -55,3 +55,59 @@ def test_force_replaces_only_its_own_run_folder(in_tmp, tiny_bert, sentiment_dir
     assert main(["train", str(cfg), "--force", "train.max_steps=2", "eval.compare_base=false"]) == 0
     assert not (run / "stale.txt").exists() and (run / "summary.json").exists()
     assert (sibling / "keep.txt").exists() and (in_tmp / "runs").is_dir()
+
+
+EVIL_CODE = '''
+import pathlib
+pathlib.Path(SENTINEL).write_text("the model's own code ran")
+from transformers import BertConfig, BertForSequenceClassification
+
+
+class EvilConfig(BertConfig):
+    pass
+
+
+class EvilModel(BertForSequenceClassification):
+    config_class = EvilConfig
+'''
+
+
+def evil_model(tiny_bert, root):
+    """A copy of the tiny model whose config.json points transformers at Python code in the folder."""
+    import shutil
+
+    folder = root / "evil-model"
+    shutil.copytree(tiny_bert, folder)
+    # transformers imports the code from a copy in its modules cache: the sentinel's path is absolute
+    (folder / "modeling_evil.py").write_text(EVIL_CODE.replace("SENTINEL", repr(str(folder / "CODE_RAN"))))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig",
+                          "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_run_folder_cannot_turn_on_remote_code(in_tmp, tiny_bert, sentiment_dir, capsys):
+    cfg = classify_config(in_tmp / "run.yaml", tiny_bert, sentiment_dir, "{kind: lora, r: 2, targets: [query]}")
+    assert main(["train", str(cfg), "train.max_steps=2", "eval.compare_base=false"]) == 0
+    run = in_tmp / "runs" / "tiny"
+    # someone shares this run folder after pointing its config at a model that ships code
+    evil = evil_model(tiny_bert, in_tmp)
+    text = (run / "config.yaml").read_text().replace(f"name: {tiny_bert}", f"name: {evil}")
+    (run / "config.yaml").write_text(text.replace("trust_remote_code: false", "trust_remote_code: true"))
+    assert "trust_remote_code: true" in (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["predict", str(run), "a fine film"]) == 0
+    out = capsys.readouterr()
+    assert not (evil / "CODE_RAN").exists()
+    assert "--trust-remote-code" in out.err and json.loads(out.out.splitlines()[0])["text"] == "a fine film"
+
+
+def test_remote_code_runs_when_the_command_line_allows_it(in_tmp, tiny_bert, sentiment_dir, capsys):
+    evil = evil_model(tiny_bert, in_tmp)
+    cfg = classify_config(in_tmp / "run.yaml", evil, sentiment_dir)
+    assert main(["plan", str(cfg)]) == 0  # not allowed: the model's own classes are not loaded
+    assert not (evil / "CODE_RAN").exists()
+    assert main(["plan", str(cfg), "--trust-remote-code"]) == 0  # the meta-device build asks nothing on stdin
+    assert (evil / "CODE_RAN").exists()
+    assert "model.trust_remote_code is on" in capsys.readouterr().err

@@ -45,7 +45,9 @@ class ModelConfig(Section):
     """Dtype of the frozen base weights: auto is float32 on CPU and for full fine-tuning, bfloat16 for a
     frozen base on a GPU that supports it."""
     trust_remote_code: bool = False
-    """Allow hub models that ship their own Python code (runs that code)."""
+    """Allow a model that ships its own Python code to run it, for this run only (same as `--trust-remote-code`;
+    a warning is printed). Commands that read a finished run folder (eval, predict, generate, chat, compare,
+    export) ignore this saved value: only their own `--trust-remote-code` flag allows the code to run."""
 
 
 class SplitConfig(Section):

@@ -324,7 +324,7 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
                              hint="run it without torchrun / accelerate launch")
     say, obj, chat = accelerator.print, cfg.objective, prepared.chat
     tokenizer.chat_template = chat.template  # saved with the weights: the tuned policy is prompted as trained
-    scorer = rewards.load(obj.reward, accelerator.device)
+    scorer = rewards.load(obj.reward, accelerator.device, cfg.model.trust_remote_code)
     pv = ppo.PolicyAndValue(model).to(accelerator.device)
     reference = ppo.make_reference(pv)
     split = "test" if prepared.examples.get("test") else "validation"

@@ -143,7 +143,7 @@ def _check_refs(cfg: RunConfig, earlier: list[str], where, own: bool) -> None:
 # Running
 
 
-def policy_folder(run_dir: Path) -> Path:
+def policy_folder(run_dir: Path, trust_remote_code: bool = False) -> Path:
     """A plain model folder holding a finished stage's policy: its full weights, or its adapter merged."""
     from .models.load import quiet_transformers
 
@@ -157,7 +157,7 @@ def policy_folder(run_dir: Path) -> Path:
     from .export.merge import merge as fold
     from .trained import load_trained
 
-    trained = load_trained(run_dir)
+    trained = load_trained(run_dir, trust_remote_code=trust_remote_code)
     model = fold(trained.model)
     tmp = run_dir / ".merged-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -220,7 +220,7 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
                 summary = train(cfg, resume=resume and run_dir.exists())
             runs[stage.name] = run_dir
             if OBJECTIVES[stage.cfg.objective.kind].HEAD == "causal-lm":
-                policy = policies[stage.name] = policy_folder(run_dir)
+                policy = policies[stage.name] = policy_folder(run_dir, stage.cfg.model.trust_remote_code)
             results.append({"stage": stage.name, "objective": stage.cfg.objective.kind,
                             "run": str(run_dir.relative_to(root)), **headline(summary)})
     except BaseException as e:
