@@ -111,3 +111,34 @@ def test_remote_code_runs_when_the_command_line_allows_it(in_tmp, tiny_bert, sen
     assert main(["plan", str(cfg), "--trust-remote-code"]) == 0  # the meta-device build asks nothing on stdin
     assert (evil / "CODE_RAN").exists()
     assert "model.trust_remote_code is on" in capsys.readouterr().err
+
+
+def test_a_run_folder_being_written_is_not_shared(in_tmp, tiny_bert, sentiment_dir, capsys):
+    cfg = classify_config(in_tmp / "run.yaml", tiny_bert, sentiment_dir)
+    run = in_tmp / "runs" / "tiny"
+    lock = artifacts.claim_run_dir(run, resume=False, force=False)  # another process training this name
+    try:
+        for extra in ([], ["--force"], ["--resume"]):
+            assert main(["train", str(cfg), "train.max_steps=2", *extra]) == 2
+            assert "being written by another tunesmith process" in capsys.readouterr().err
+        assert sorted(p.name for p in run.iterdir()) == [artifacts.LOCK, artifacts.MARKER]
+    finally:
+        artifacts.release(lock)
+    assert main(["train", str(cfg), "train.max_steps=2", "eval.compare_base=false"]) == 0
+
+
+def test_two_runs_of_one_name_started_together_exactly_one_trains(in_tmp, tiny_bert, sentiment_dir):
+    import subprocess
+    import sys
+
+    cfg = classify_config(in_tmp / "run.yaml", tiny_bert, sentiment_dir)
+    cmd = [sys.executable, "-m", "tunesmith", "train", str(cfg), "train.max_steps=24", "train.log_every=1"]
+    procs = [subprocess.Popen(cmd, cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "another tunesmith process" in loser or "already holds a finished run" in loser
+    lines = [json.loads(line) for line in (in_tmp / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "split" not in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # one writer: each step logged once, in order

@@ -16,6 +16,7 @@ A run is finished only when summary.json exists, and it is written last, by an a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -55,7 +56,8 @@ def made_by_tunesmith(run_dir: Path) -> bool:
 
 
 def _is_empty(run_dir: Path) -> bool:
-    return not any(p.name != LOCK for p in run_dir.iterdir())
+    """Nothing in it but what a claim writes first (a run that stopped before writing anything holds no run)."""
+    return not any(p.name not in (LOCK, MARKER) for p in run_dir.iterdir())
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
@@ -63,6 +65,12 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
 
     `--force` replaces only a folder tunesmith made (it holds the marker file): never a folder of the user's
     that happens to have the run's name."""
+    if run_dir.is_dir():
+        _refuse_if_locked(run_dir)
+    _check_state(run_dir, resume=resume, force=force)
+
+
+def _check_state(run_dir: Path, *, resume: bool, force: bool) -> None:
     if not run_dir.exists() or (run_dir.is_dir() and not run_dir.is_symlink() and _is_empty(run_dir)):
         return
     if not made_by_tunesmith(run_dir):
@@ -93,6 +101,67 @@ def clear_run_dir(run_dir: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _in_use(run_dir: Path, holder: str) -> TunesmithError:
+    return TunesmithError(f"{run_dir} is being written by another tunesmith process"
+                          + (f" (pid {holder})" if holder.isdigit() else ""),
+                          hint="wait for that run to end, or give this one another name (name=...)")
+
+
+def _lock(handle, tries: int = 10) -> bool:
+    """flock without waiting on a holder for long; a few retries ride out another process's brief probe."""
+    for i in range(tries):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.1 * (i + 1))
+    return False
+
+
+def _refuse_if_locked(run_dir: Path) -> None:
+    """Name the real reason first when another process is writing the run (else it looks merely unfinished)."""
+    if not (run_dir / LOCK).is_file():
+        return
+    with open(run_dir / LOCK, "a+", encoding="utf-8") as probe:
+        if not _lock(probe, tries=1):
+            probe.seek(0)
+            raise _in_use(run_dir, probe.read().strip())
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, force: bool):
+    """Create the run folder and lock it for this process; returns the lock, to `release` when the run ends.
+
+    Two runs of one name started together both pass the first look (`check_run_dir`); only the one that gets
+    the lock goes on, and it looks again under the lock, since the other may have finished a run there
+    meanwhile. --force empties the folder only now, holding the lock."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / LOCK, "a+", encoding="utf-8")
+    if not _lock(lock):
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise _in_use(run_dir, holder)
+    try:
+        _check_state(run_dir, resume=resume, force=force)
+        if force:
+            clear_run_dir(run_dir)
+        mark_run_dir(run_dir)
+    except BaseException:
+        release(lock)
+        raise
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def release(lock) -> None:
+    """Let go of a run folder's lock (closing the file releases the flock)."""
+    if lock is not None and not lock.closed:
+        lock.close()
 
 
 def mark_run_dir(run_dir: Path) -> None:

@@ -202,13 +202,11 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
 
     started, root = time.perf_counter(), staged.root
     artifacts.check_run_dir(root, resume=resume, force=force)
-    if force:
-        artifacts.clear_run_dir(root)
-    artifacts.mark_run_dir(root)
-    (root / "staged-config.yaml").write_text(staged.text, encoding="utf-8")
-    artifacts.set_status(root, "running")
+    lock = artifacts.claim_run_dir(root, resume=resume, force=force)
     policy, runs, policies, results = None, {}, {}, []
     try:
+        (root / "staged-config.yaml").write_text(staged.text, encoding="utf-8")
+        artifacts.set_status(root, "running")
         for stage in staged.stages:
             run_dir = root / "stages" / stage.cfg.name
             print(f"\n=== stage {stage.index + 1}/{len(staged.stages)}: {stage.name} ({stage.cfg.objective.kind}) ===")
@@ -223,13 +221,16 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
                 policy = policies[stage.name] = policy_folder(run_dir, stage.cfg.model.trust_remote_code)
             results.append({"stage": stage.name, "objective": stage.cfg.objective.kind,
                             "run": str(run_dir.relative_to(root)), **headline(summary)})
+        summary = {"name": staged.name, "stages": results,
+                   "policy": str(policy.relative_to(root)) if policy else None,
+                   "wall_seconds": round(time.perf_counter() - started, 1)}
+        artifacts.set_status(root, "completed")
+        artifacts.write_json(root / artifacts.SUMMARY, summary)
     except BaseException as e:
         artifacts.set_status(root, "failed", error=f"{type(e).__name__}: {e}")
         raise
-    summary = {"name": staged.name, "stages": results, "policy": str(policy.relative_to(root)) if policy else None,
-               "wall_seconds": round(time.perf_counter() - started, 1)}
-    artifacts.set_status(root, "completed")
-    artifacts.write_json(root / artifacts.SUMMARY, summary)
+    finally:
+        artifacts.release(lock)
     print("\nstages")
     for r in results:
         tuned = ", ".join(f"{k} {v:.4f}" for k, v in (r["tuned"] or {}).items() if isinstance(v, float))
