@@ -19,6 +19,7 @@ compare two values with `better` below, never with a hand-written list of lower-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol, runtime_checkable
 
@@ -41,6 +42,16 @@ def better(direction: Direction, a: float, b: float | None, min_delta: float = 0
 def metric_directions(objective) -> dict[str, Direction]:
     """Every metric an objective reports (training-time and generation metrics) with its direction."""
     return {**objective.METRICS, **getattr(objective, "GENERATION_METRICS", {})}
+
+
+@dataclass(frozen=True)
+class Methods:
+    """The three modules a run config chose, handed to every `check(run_cfg, methods)`: a rule that spans axes
+    asks the other axes' capabilities here (e.g. `methods.tuning.TRAINS_BASE`) instead of naming kinds."""
+
+    tuning: Any
+    objective: Any
+    regime: Any
 
 
 # ---------------------------------------------------------------------------------------------- tuning
@@ -73,7 +84,7 @@ class TuningHooks(Protocol):
         """Combinations that cannot work, found from the model's config alone (before any weights are read).
         Raise `ConfigError` naming the key."""
 
-    def check(self, run_cfg) -> None:
+    def check(self, run_cfg, methods: Methods) -> None:
         """Rules that span axes, found from the whole run config at validation time (e.g. a tuning that
         cannot serve an objective). Raise `ValueError` (pydantic reports it with the file and line)."""
 
@@ -84,6 +95,10 @@ class TuningHooks(Protocol):
     def added_positions(self, cfg) -> int:
         """Positions the method adds in front of every sequence (prompt tuning's virtual tokens); plan counts
         them in the activation estimate. Default 0."""
+
+    def trainable_count(self, base, cfg, head_params: int) -> int:
+        """Trainable values of a low-rank method, counted on a meta-device model: `tunesmith plan` shows the run
+        beside LoRA and QLoRA with these settings (default: `tuning.PLAN_BASELINE`'s defaults)."""
 
     def save(self, run_dir: Path, model, tokenizer) -> str:
         """Write the trained weights into the run folder; return the folder's name. Default: `artifacts.save_weights`
@@ -147,7 +162,7 @@ class ObjectiveHooks(Protocol):
     def check_model(self, cfg, model_config) -> None:
         """Combinations that cannot work, found from the model's config alone (before any weights are read)."""
 
-    def check(self, run_cfg) -> None:
+    def check(self, run_cfg, methods: Methods) -> None:
         """Rules that span axes, at config validation (e.g. dpo without a precomputed reference needs a tuning
         that does not train the base). Raise `ValueError`."""
 
@@ -177,6 +192,9 @@ class Regime(Protocol):
 
     Config: type
     """The `regime:` section with `kind: Literal["<kind>"]`."""
+    ALTERS_TRAINING: bool
+    """True if the regime changes the data or the update (replay rows, a penalty, task sampling, episodes); an
+    objective that owns its step (ppo) refuses such a regime in its `check`."""
 
     def extra_splits(self, cfg, train_rows: int, seed: int) -> dict:
         """{name: data.sources.Split} mixed into train (e.g. `replay`); checked and tokenized with the task's
@@ -190,7 +208,7 @@ class Regime(Protocol):
 class RegimeHooks(Protocol):
     """Optional hooks of a regime module."""
 
-    def check(self, run_cfg) -> None:
+    def check(self, run_cfg, methods: Methods) -> None:
         """Rules that span axes, at config validation (e.g. EWC needs a head with a pretrained loss). Raise
         `ValueError`."""
 

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from transformers import set_seed
 
 from . import artifacts
+from .axes import metric_directions
 from .config import RunConfig, dump
 from .data.checks import Report, check_card, check_rows, raise_for_errors
 from .data.load import load_splits
@@ -35,6 +36,7 @@ from .evaluate.generation import Generation, evaluate_generation
 from .evaluate.score import evaluate
 from .models.load import load_tokenizer
 from .models.params import count_parameters, format_parameters
+from .models.precision import precision_and_dtype
 from .objectives import OBJECTIVES
 from .objectives.lm import check_packing
 from .regimes import REGIMES
@@ -42,23 +44,6 @@ from .train.checkpoint import trainable_state
 from .train.loop import fit
 from .tuning import TUNINGS
 from .tuning.common import check_before_loading, enable_gradient_checkpointing, load_base
-
-
-def precision_and_dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
-    """accelerate's mixed-precision mode and the dtype of the base weights.
-
-    CPUs here have no bf16 units (bf16 runs 20-30x slower), so auto means fp32 on CPU and bf16
-    autocast on a GPU that supports it; a frozen base can then also be stored in bf16.
-    """
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    mode = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(cfg.train.precision, "bf16" if gpu_bf16 else "no")
-    if cfg.model.dtype != "auto":
-        dtype = getattr(torch, cfg.model.dtype)
-    elif gpu_bf16 and cfg.tuning.kind not in ("full", "freeze"):
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float32
-    return mode, dtype
 
 
 def prepare_data(cfg: RunConfig, tokenizer):
@@ -265,7 +250,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         after = forgetting.measure(model, probe, pad_id, eval_bs, accelerator.device)
         forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe)
     watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
-    diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, base, results, update_size(start, model))
+    diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, objective.METRICS[watch], base, results,
+                         update_size(start, model))
     del start
     if cfg.eval.metrics:
         results = {s: {k: v for k, v in m.items() if k in cfg.eval.metrics} for s, m in results.items()}
@@ -296,7 +282,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if accelerator.is_main_process:
         if answers is not None and base_answers is not None:
             write_report(run_dir, f"{cfg.name}: base vs tuned on the test prompts", (cfg.model.name, str(run_dir)),
-                         (base["test"], results["test"]), side_by_side(gen_items, base_answers, answers))
+                         (base["test"], results["test"]), side_by_side(gen_items, base_answers, answers),
+                         metric_directions(objective))
         elif answers is not None:
             artifacts.write_json(run_dir / "generations.json", [{"messages": it["messages"], "reference":
                                  it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
@@ -376,7 +363,8 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
         summary["generation"] = {"prompts": len(answers), "max_new_tokens": settings.max_new_tokens,
                                  "do_sample": settings.do_sample, "report": "compare.md"}
         write_report(run_dir, f"{cfg.name}: starting model vs PPO-tuned policy on the {split} prompts",
-                     (cfg.model.name, str(run_dir)), (base, results), side_by_side(held, base_answers, answers))
+                     (cfg.model.name, str(run_dir)), (base, results), side_by_side(held, base_answers, answers),
+                     metric_directions(OBJECTIVES[cfg.objective.kind]))
     save = getattr(tuning, "save", None) or artifacts.save_weights
     summary["weights"] = save(run_dir, model, tokenizer)
     from safetensors.torch import save_file

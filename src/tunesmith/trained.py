@@ -12,11 +12,8 @@ import yaml
 
 from .config import DataConfig, GenerateConfig, RunConfig
 from .errors import TunesmithError
-from .objectives import OBJECTIVES
+from .objectives import FOR_PLAIN_MODEL, OBJECTIVES
 from .tuning import TUNINGS
-
-# A plain model folder is read as the objective its head is trained by.
-HEAD_OBJECTIVES = {"sequence-classification": "classify", "causal-lm": "sft", "masked-lm": "mlm"}
 
 
 @dataclass
@@ -99,7 +96,7 @@ def load_trained(path: str | Path, head: str | None = None) -> Trained:
         if not (folder / "config.json").exists():
             raise TunesmithError(f"{path} is neither a run folder (config.yaml) nor a model folder (config.json)")
         cfg, head = None, head or _head_of(folder)
-        objective = OBJECTIVES[HEAD_OBJECTIVES[head]]
+        objective = OBJECTIVES[FOR_PLAIN_MODEL[head]]
         tokenizer = AutoTokenizer.from_pretrained(folder)
         with quiet_transformers():
             model = head_class(head).from_pretrained(folder, dtype=torch.float32)

@@ -18,8 +18,8 @@ from ..schema import Section
 from .common import Loss, Prepared
 
 HEAD = "sequence-classification"
-METRICS = ("accuracy", "macro_f1", "loss")
-MAIN_METRIC, MAIN_MODE = "accuracy", "max"
+METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
+MAIN_METRIC = "accuracy"
 
 
 class Config(Section):

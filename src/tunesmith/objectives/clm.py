@@ -18,8 +18,8 @@ from .common import Prepared
 from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
-METRICS = ("loss", "perplexity")
-MAIN_METRIC, MAIN_MODE = "loss", "min"
+METRICS = {"loss": "min", "perplexity": "min"}
+MAIN_METRIC = "loss"
 
 
 class Config(Section):

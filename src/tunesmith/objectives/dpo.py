@@ -13,7 +13,7 @@ The loss unit is a pair.
 
 The reference is the starting model, and it is never a second copy of the weights:
   - lora, qlora, dora, ia3, prefix, prompt (peft): the same model with the adapter switched off
-    (`disable_adapter`); tunesmith's bottleneck adapters: `tuning.adapter.disabled`;
+    (`disable_adapter()`, which tunesmith's bottleneck adapters offer too);
   - full and freeze tuning change the base weights themselves, so there is no switch: the reference
     log-probs are computed once, before training, for every train/validation/test pair and stored with
     the examples (`precompute_ref`, automatic for these tunings). A frozen copy of the model is never made.
@@ -45,9 +45,9 @@ from .lm import shifted_token_losses
 from .reward import preference_accuracy
 
 HEAD = "causal-lm"
-METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps",
-           "rejected_logps", "logp_accuracy", "loss")
-MAIN_METRIC, MAIN_MODE = "reward_accuracy", "max"
+METRICS = {"reward_accuracy": "max", "reward_margin": "max", "chosen_reward": "max", "rejected_reward": "min",
+           "chosen_logps": None, "rejected_logps": None, "logp_accuracy": "max", "loss": "min"}
+MAIN_METRIC = "reward_accuracy"
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -74,6 +74,13 @@ class Config(Section):
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError("objective.label_smoothing applies to loss: sigmoid only (IPO has no labels to flip)")
         return self
+
+
+def check(run_cfg, methods) -> None:
+    if run_cfg.objective.precompute_ref is False and methods.tuning.TRAINS_BASE:
+        raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {run_cfg.tuning.kind!r} "
+                         "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
+                         "a frozen copy (twice the memory): leave precompute_ref null or set it true")
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
@@ -105,18 +112,12 @@ def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def reference_switch(model):
-    """A context in which `model` computes as its starting point (its adapters off), or None if its tuning
-    has no switch (full, freeze: the base weights themselves train)."""
-    from peft import PeftModel
-
-    from ..tuning import adapter
-
+    """A context in which `model` computes as its starting point (its adapters off: `disable_adapter()`, as
+    peft models and tunesmith's bottleneck adapters offer it), or None if its tuning has no switch (the base
+    weights themselves train)."""
     inner = getattr(model, "module", model)  # under DDP
-    if isinstance(inner, PeftModel):
-        return inner.disable_adapter()
-    if adapter.has_adapters(inner):
-        return adapter.disabled(inner)
-    return None
+    switch = getattr(inner, "disable_adapter", None)
+    return switch() if switch is not None else None
 
 
 def reference_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,8 @@ from .common import Loss, Prepared
 from .lm import masked_lm_forward, token_metrics
 
 HEAD = "masked-lm"
-METRICS = ("loss", "perplexity")
-MAIN_METRIC, MAIN_MODE = "loss", "min"
+METRICS = {"loss": "min", "perplexity": "min"}
+MAIN_METRIC = "loss"
 MASK, RANDOM = 0.8, 0.1  # shares of chosen tokens masked / replaced by a random token (the rest stay)
 
 

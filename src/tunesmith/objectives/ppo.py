@@ -27,8 +27,8 @@ from ..schema import Section
 from .common import Prepared
 
 HEAD = "causal-lm"
-METRICS = ("reward", "kl")
-MAIN_METRIC, MAIN_MODE = "reward", "max"
+METRICS = {"reward": "max", "kl": None}  # kl: some drift is the point; kl_bound warns when there is too much
+MAIN_METRIC = "reward"
 OWNS_STEP = True
 PROMPT_FORMATS = ("prompt", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
                   "sharegpt_preference")
@@ -168,7 +168,17 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     return Prepared(examples, {}, card, chat=chat, prompts=prompts)
 
 
-def check(cfg: Config, model_config=None) -> None:
+def check(run_cfg, methods) -> None:
+    """Settings of the shared loop that PPO's own loop does not take."""
+    if run_cfg.train.grad_accum != 1:
+        raise ValueError(f"train.grad_accum: {run_cfg.objective.kind} takes train.batch_size answers per step and "
+                         "updates on them in objective.minibatch pieces; it does not accumulate")
+    if methods.regime.ALTERS_TRAINING:
+        raise ValueError(f"regime.kind: {run_cfg.objective.kind} trains in its own loop, which takes no replay rows or "
+                         f"penalty (regime {run_cfg.regime.kind!r}); its KL penalty already holds it near the start")
+
+
+def check_model(cfg: Config, model_config=None) -> None:
     """Before any weights are read: the reward function imports, the reward run is a finished run."""
     from .rewards import check_source
 

@@ -39,8 +39,8 @@ from ..schema import Section
 from .common import Loss, Prepared
 
 HEAD = "sequence-classification"
-METRICS = ("accuracy", "margin", "loss")
-MAIN_METRIC, MAIN_MODE = "accuracy", "max"
+METRICS = {"accuracy": "max", "margin": "max", "loss": "min"}
+MAIN_METRIC = "accuracy"
 CHAT = True
 """Renders conversations with a chat template (kept with the trained tokenizer) though its head is no LM."""
 
@@ -57,7 +57,7 @@ class Config(Section):
     suggested 0.01); 0 turns it off."""
 
 
-def check(cfg: Config, model_config) -> None:
+def check_model(cfg: Config, model_config) -> None:
     """A reward model needs a sequence-classification class for this architecture."""
     from transformers import AutoModelForSequenceClassification
 

@@ -21,9 +21,10 @@ from .common import Prepared
 from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
-METRICS = ("loss", "perplexity")
-GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "stop_rate", "new_tokens")
-MAIN_METRIC, MAIN_MODE = "loss", "min"
+METRICS = {"loss": "min", "perplexity": "min"}
+GENERATION_METRICS = {"rouge1": "max", "rouge2": "max", "rougeL": "max", "exact_match": "max", "stop_rate": "max",
+                      "new_tokens": None}  # longer answers are not better or worse in themselves
+MAIN_METRIC = "loss"
 
 
 class Config(Section):

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from ..data.sources import Split
 from ..schema import Section
 
+ALTERS_TRAINING = True
 GENERAL = ["sample:wiki-demo", "sample:c4-demo"]
 
 
@@ -67,6 +68,19 @@ class Config(Section):
             raise ValueError("regime continual: set regime.replay.fraction > 0 and/or regime.penalty.kind "
                              "(l2sp, ewc); with neither it is the single regime")
         return self
+
+
+def check(run_cfg, methods) -> None:
+    """A new classifier head has no pretrained loss (for EWC) and no labels in general text (for replay)."""
+    if methods.objective.HEAD != "sequence-classification":
+        return
+    cfg = run_cfg.regime
+    if cfg.penalty.kind == "ewc":
+        raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
+                         "general text, which a new classifier head does not have; use l2sp")
+    if cfg.replay.fraction > 0 and "data" not in cfg.replay.model_fields_set:
+        raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
+                         "labels); the default general text has no labels, so name the rows to replay")
 
 
 def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict[str, Split]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..axes import better
 from ..data.collate import collate
 from ..errors import TunesmithError
 from ..evaluate.score import evaluate
@@ -30,9 +31,6 @@ from . import checkpoint
 from .batches import shard, train_batches
 from .progress import Progress
 from .schedule import make_scheduler
-
-LOWER_IS_BETTER = {"loss", "perplexity"}
-
 
 class TrainingDiverged(TunesmithError):
     """The loss became NaN or infinite."""
@@ -87,12 +85,6 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _better(value: float, best: float | None, metric: str, min_delta: float) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if metric in LOWER_IS_BETTER else value > best + min_delta
-
-
 def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: list[dict] | None, cfg,
         pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None) -> dict:
     """Train `model` in place; returns a summary of the training (steps, best, timings).
@@ -125,6 +117,7 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
 
     es = cfg.early_stopping
     watch = es.metric or objective.MAIN_METRIC
+    direction = objective.METRICS[watch]  # the objective's own: "min" for a loss or an error, "max" for a score
     use_val = bool(val_examples)
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     progress = Progress(total, state.step, enabled=accelerator.is_main_process)
@@ -145,7 +138,7 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
         if watch not in scores:
             raise TunesmithError(f"early stopping watches {watch!r}, which evaluation did not report "
                                  f"(reported: {', '.join(scores)})", where="train.early_stopping.metric")
-        if _better(scores[watch], state.best, watch, es.min_delta):
+        if better(direction, scores[watch], state.best, es.min_delta):
             state.best, state.best_step, state.bad_evals = scores[watch], state.step, 0
             if es.enabled and accelerator.is_main_process:
                 checkpoint.save_best(ckpt_dir, accelerator.unwrap_model(model))

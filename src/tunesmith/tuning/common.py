@@ -1,16 +1,7 @@
 """What the tuning modules share: the peft wrapper, the task head, loading a base for a tuning, and the
 checks that run before any weights are read.
 
-A tuning module provides
-  Config                                  the `tuning:` section, named by its `kind`
-  MERGEABLE                               True if `export --format merged` can fold it into the base weights
-  apply(model, cfg, head, tokenizer=None) the model to train, `requires_grad` set; tokenizer is None on the
-                                          meta device (plan), where nothing is read
-and, where it needs them,
-  check(cfg, model_config, head)          combinations that cannot work, found from the model's config alone
-  load_kwargs(cfg, model_config, head, dtype) -> dict   extra `from_pretrained` arguments (qlora: quantization)
-  save(run_dir, model, tokenizer) -> str  write the weights, return the folder name (default: artifacts.save_weights)
-  load(cfg, weights_dir, head, kwargs)    rebuild the trained model (default: base + peft adapter, or full weights)
+What a tuning module provides is written down in `tunesmith/axes.py` (`Tuning`, `TuningHooks`).
 """
 
 from __future__ import annotations
@@ -27,9 +18,6 @@ PEFT_TASK_TYPES = {
     "causal-lm": "CAUSAL_LM",
     "masked-lm": None,
 }
-
-
-MASKED_LM_TUNINGS = ("full", "freeze")
 
 
 def head_to_train(model, head: str, train_head: bool) -> list[str] | None:
@@ -91,19 +79,19 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
     from ..objectives import OBJECTIVES
     from . import TUNINGS
 
-    head = OBJECTIVES[cfg.objective.kind].HEAD
-    tuning = TUNINGS[cfg.tuning.kind]
-    if head == "masked-lm" and cfg.tuning.kind not in MASKED_LM_TUNINGS:
-        # An encoder's masked-LM head is often missing from the checkpoint (MiniLM's is) and starts random;
-        # an adapter over a frozen random head neither learns it nor saves it, so the run would not reload.
-        raise ConfigError(f"objective mlm trains with tuning {' or '.join(MASKED_LM_TUNINGS)}, not {cfg.tuning.kind!r}",
-                          where="tuning.kind", hint="use tuning.kind=full, or freeze (the last blocks and the head)")
+    objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
+    head = objective.HEAD
+    if head not in tuning.HEADS:
+        able = [kind for kind, t in TUNINGS.items() if head in t.HEADS]
+        raise ConfigError(f"objective {cfg.objective.kind} trains with tuning {' or '.join(able)}, not "
+                          f"{cfg.tuning.kind!r} (tuning {cfg.tuning.kind} cannot train a {head} head)",
+                          where="tuning.kind", hint=f"use tuning.kind={able[0]}" if able else None)
     resolved = resolve(cfg.model.name)
     config = build_config(cfg.model, model_kwargs, resolved)
-    if hasattr(tuning, "check"):
-        tuning.check(cfg.tuning, config, head)
-    if hasattr(OBJECTIVES[cfg.objective.kind], "check"):
-        OBJECTIVES[cfg.objective.kind].check(cfg.objective, config)
+    if hasattr(tuning, "check_model"):
+        tuning.check_model(cfg.tuning, config, head)
+    if hasattr(objective, "check_model"):
+        objective.check_model(cfg.objective, config)
     if hasattr(tuning, "load_kwargs") and resolved.startswith("arch:"):
         raise ConfigError(f"tuning {cfg.tuning.kind!r} quantizes pretrained weights, and {cfg.model.name} has none "
                           "(an arch: model is random)", where="model.name",

@@ -21,6 +21,8 @@ from ..schema import Section
 from .common import check_head, head_to_train, is_meta, load_adapter, wrap
 
 MERGEABLE = False
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(Section):
@@ -43,7 +45,7 @@ class Config(Section):
         return self
 
 
-def check(cfg: Config, model_config, head: str) -> None:
+def check_model(cfg: Config, model_config, head: str) -> None:
     from ..models.load import is_decoder_only
 
     check_head(head, cfg.train_head)
@@ -94,6 +96,10 @@ def _drop_virtual_logits(module, args, kwargs, output):
 def _aligned(model):
     model.register_forward_hook(_drop_virtual_logits, with_kwargs=True)
     return model
+
+
+def added_positions(cfg: Config) -> int:
+    return cfg.tokens
 
 
 def load(cfg, weights, head: str, model_kwargs: dict, pad_token_id: int | None = None):

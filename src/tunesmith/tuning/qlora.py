@@ -17,6 +17,8 @@ from .common import wrap
 from .lora import LowRank
 
 MERGEABLE = True
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(LowRank):
@@ -31,8 +33,8 @@ class Config(LowRank):
     recipe: activations, not weights, dominate memory once the base is 4-bit); slower per step."""
 
 
-def check(cfg: Config, model_config, head: str) -> None:
-    lora.check(cfg, model_config, head)
+def check_model(cfg: Config, model_config, head: str) -> None:
+    lora.check_model(cfg, model_config, head)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -60,3 +62,7 @@ def apply(model, cfg: Config, head: str, tokenizer=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     return wrap(model, lora.peft_config(model, cfg, head), head)
+
+
+def trainable_count(base, cfg: Config, head_params: int) -> int:
+    return lora.trainable_count(base, cfg, head_params)
