@@ -10,6 +10,7 @@ Both go through the shared contract table (tests/test_contracts.py) and a tiny e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 from typing import Literal
@@ -18,7 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import table
 import test_contracts as contracts
+import test_invariants as invariants
 from tiny import NO_PROBE, classify_config, sentiment_rows, write_jsonl
 from tunesmith import config
 from tunesmith.cli import main
@@ -114,7 +117,7 @@ def test_the_throwaway_methods_provide_their_axis_interface(registered):
 
 # ------------------------------------------------------------------------------------------------ the table
 
-def _bitfit_count(d: contracts.Dims) -> int:
+def _bitfit_count(d: table.Dims) -> int:
     """The tiny BERT's biases: every linear's and both LayerNorms' in each block, the embeddings' LayerNorm."""
     body = d.layers * (sum(o for _, o in d.linears) + 2 * d.h) + d.h
     if d.labels:  # a new head trains in full; the pooler that feeds it has a bias too
@@ -123,20 +126,28 @@ def _bitfit_count(d: contracts.Dims) -> int:
 
 
 def _regress_batch(g):
-    ids, mask = contracts._ids(g)
+    ids, mask = table._ids(g)
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0.5, -1.0, 2.0, 0.0])}
 
 
+def _regress_examples(rng):
+    return [{"input_ids": [2, *table._token_ids(rng), 3], "labels": rng.uniform(-1, 1)} for _ in range(12)]
+
+
+REGRESS_ROW = table.Objective("regress", "tiny_bert", {"num_labels": 1}, _regress_batch,
+                              table.Runs(_regress_examples, sentiment_rows, classify_config))
+
+
 @pytest.fixture
-def table(registered, monkeypatch):
-    monkeypatch.setitem(contracts.TUNINGS_UNDER_TEST, "bitfit", contracts.Tuning({"kind": "bitfit"}, _bitfit_count,
-                                                                                  adapter=False))
-    monkeypatch.setitem(contracts.OBJECTIVES_UNDER_TEST, "regress",
-                        contracts.Objective("regress", "tiny_bert", {"num_labels": 1}, _regress_batch))
+def rows(registered, monkeypatch):
+    """One row in each table, as a contributor adds them to tests/table.py."""
+    monkeypatch.setitem(table.TUNINGS_UNDER_TEST, "bitfit", table.Tuning({"kind": "bitfit"}, _bitfit_count,
+                                                                          adapter=False))
+    monkeypatch.setitem(table.OBJECTIVES_UNDER_TEST, "regress", REGRESS_ROW)
 
 
 def _contracts(tuning, objective, request, tmp_path):
-    t = contracts._train(tuning, objective, request.getfixturevalue(contracts.OBJECTIVES_UNDER_TEST[objective].model))
+    t = contracts._train(tuning, objective, request.getfixturevalue(table.OBJECTIVES_UNDER_TEST[objective].model))
     get = lambda *_: t  # noqa: E731  (the table's `trained` fixture, for this one case)
     contracts.test_trainable_count_matches_formula(tuning, objective, get)
     contracts.test_trains_only_what_it_should(tuning, objective, get)
@@ -144,13 +155,20 @@ def _contracts(tuning, objective, request, tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["classify-bert", "mlm", "regress"])  # the tiny Llama has no biases
-def test_bitfit_row_passes_the_contract_table(objective, table, request, tmp_path):
+def test_bitfit_row_passes_the_contract_table(objective, rows, request, tmp_path):
     _contracts("bitfit", objective, request, tmp_path)
 
 
 @pytest.mark.parametrize("tuning", ["full", "lora", "ia3", "adapter-pfeiffer", "bitfit"])
-def test_regress_row_passes_the_contract_table(tuning, table, request, tmp_path):
+def test_regress_row_passes_the_contract_table(tuning, rows, request, tmp_path):
     _contracts(tuning, "regress", request, tmp_path)
+
+
+def test_regress_row_passes_the_invariants(rows, request):
+    """Its `runs` make an invariants case: accumulation over uneven micro-batches equals the large batch."""
+    case = invariants.Case("regress", "tiny_bert", "AutoModelForSequenceClassification", 1,
+                           *dataclasses.astuple(REGRESS_ROW.runs))
+    invariants.test_gradient_accumulation_equals_the_large_batch(case, request)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

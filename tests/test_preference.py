@@ -197,7 +197,7 @@ def _tuned_llama(path, tuning: dict):
 
     from tunesmith.config import RunConfig
     from tunesmith.tuning import TUNINGS
-    from tunesmith.tuning.common import load_base
+    from tunesmith.build import load_base
 
     cfg = RunConfig.model_validate({"name": "t", "model": str(path), "data": {"train": "-"}, "tuning": tuning,
                                     "objective": {"kind": "dpo"}})

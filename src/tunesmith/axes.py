@@ -104,9 +104,9 @@ class TuningHooks(Protocol):
         """Write the trained weights into the run folder; return the folder's name. Default: `artifacts.save_weights`
         (a peft adapter, or the full model)."""
 
-    def load(self, cfg, weights: Path, head: str, model_kwargs: dict, pad_token_id: int | None = None):
-        """Rebuild the trained model from a run's weights folder. Default: the base with the peft adapter on
-        top, or the full weights."""
+    def load(self, cfg, weights: Path, head: str, base):
+        """Rebuild the trained model from a run's weights folder on `base`, the base model loaded by the run
+        layer as this tuning needs it. Default: the base with the peft adapter on top, or the full weights."""
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -170,8 +170,9 @@ class ObjectiveHooks(Protocol):
         """Run once on the starting model, before base scoring: store what training compares against
         (dpo's reference log-probs)."""
 
-    def attach_reference_for(self, trained, examples, batch_size: int) -> None:
-        """The same for a finished run loaded back (`tunesmith eval`)."""
+    def attach_reference_for(self, trained, examples, batch_size: int, starting_model) -> None:
+        """The same for a finished run loaded back (`tunesmith eval`); `starting_model()` loads the run's
+        starting model (built by the run layer), for a tuning that trained the base weights."""
 
     def predict(self, model, tokenizer, texts: list[str], data) -> list[dict]:
         """`tunesmith predict`: one result per text (classifiers)."""

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from .build import precision_and_dtype
 from .config import RunConfig
 from .models.anatomy import head_modules
 from .models.load import build_on_meta
 from .models.params import count_parameters, format_parameters
-from .models.precision import precision_and_dtype
 from .models.quantize import storage
 from .objectives import OBJECTIVES
 from .tuning import PLAN_BASELINE, TUNINGS

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..data.pack import blocks, pack
+from ..data.templates import ChatFormat
+from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
@@ -34,10 +37,6 @@ class Config(Section):
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.pack import blocks, pack
-    from ..data.templates import ChatFormat
-    from ..data.tokenize import length_stats, tokenize_texts
-
     examples, card = {}, {}
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for name, part in splits.items():

@@ -37,11 +37,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ..data.collate import IGNORE_INDEX
+from ..data.batches import eval_batches
+from ..data.collate import IGNORE_INDEX, collate
 from ..errors import TunesmithError
+from ..progress import bar
 from ..schema import Section
 from .common import Loss, Prepared
 from .lm import shifted_token_losses
+from .pairs import prepare_pairs
 from .reward import preference_accuracy
 
 HEAD = "causal-lm"
@@ -84,8 +87,6 @@ def check(run_cfg, methods) -> None:
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from .pairs import prepare_pairs
-
     return prepare_pairs(splits, tokenizer, cfg.template, cfg.system, data, labels=True)
 
 
@@ -192,10 +193,6 @@ def attach_reference(model, examples: dict[str, list[dict]], cfg: Config, batch_
     """Before training (the model is its starting point): if the reference is precomputed, store its log-probs
     in every example of every split. Batches are formed as evaluation forms them, so the starting model's
     held-out margins come out exactly 0."""
-    from ..data.collate import collate
-    from ..train.batches import eval_batches
-    from ..train.progress import bar
-
     if not uses_precomputed(model, cfg):
         return
     device = accelerator.device if accelerator else next(model.parameters()).device
@@ -214,27 +211,13 @@ def attach_reference(model, examples: dict[str, list[dict]], cfg: Config, batch_
     model.train(was_training)
 
 
-def attach_reference_for(trained, examples: dict[str, list[dict]], batch_size: int) -> None:
+def attach_reference_for(trained, examples: dict[str, list[dict]], batch_size: int, starting_model) -> None:
     """Scoring a finished run (`tunesmith eval`): give its examples the reference log-probs. A run whose
-    tuning has an adapter to switch off is its own reference; a full or freeze run trained the base weights,
-    so its starting model (`model` in its config) is loaded again to compute them."""
+    tuning has an adapter to switch off is its own reference; one that trained the base weights has its
+    starting model loaded again to compute them (`starting_model()`, built by the caller)."""
     has_switch = reference_switch(trained.model) is not None
     if has_switch and not trained.obj_cfg.precompute_ref:
         return  # computed on the fly with the adapter off
-    reference = trained.model if has_switch else _starting_model(trained)
+    reference = trained.model if has_switch else starting_model()
     cfg = trained.obj_cfg.model_copy(update={"precompute_ref": True})
     attach_reference(reference, examples, cfg, batch_size, trained.tokenizer.pad_token_id)
-
-
-def _starting_model(trained):
-    """A finished run's base model, loaded as the run loaded it (in fp32)."""
-    from pathlib import Path
-
-    from .. import artifacts
-    from ..models.load import load_model
-
-    if trained.cfg.model.name.startswith("arch:"):
-        raise TunesmithError(f"{trained.name} started from a random {trained.cfg.model.name} model, which "
-                             "cannot be rebuilt as its DPO reference", where="model.name")
-    kwargs = artifacts.read_json(Path(trained.name) / artifacts.MANIFEST)["model_kwargs"]
-    return load_model(trained.cfg.model, HEAD, kwargs, torch.float32, trained.tokenizer.pad_token_id).eval()

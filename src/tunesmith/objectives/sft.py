@@ -15,6 +15,10 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..data.collate import IGNORE_INDEX
+from ..data.formats import conversations, split_format
+from ..data.pack import pack
+from ..data.templates import ChatFormat, TemplateError
+from ..data.tokenize import length_stats
 from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
@@ -44,8 +48,6 @@ class Config(Section):
 
 
 def chat_format(tokenizer, cfg: Config):
-    from ..data.templates import ChatFormat
-
     return ChatFormat.build(tokenizer, cfg.template, cfg.system)
 
 
@@ -81,11 +83,6 @@ def fit_length(chat, conv, turns: str, max_length: int) -> tuple[list[int], list
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.formats import conversations, split_format
-    from ..data.pack import pack
-    from ..data.templates import ChatFormat, TemplateError
-    from ..data.tokenize import length_stats
-
     chat = chat_format(tokenizer, cfg)
     used_template = False
     examples, card, prompts = {}, {}, {}

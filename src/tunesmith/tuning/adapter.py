@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
 from . import targets as targeting
 from .common import check_head
@@ -141,8 +142,6 @@ def check_model(cfg: Config, model_config, head: str) -> None:
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
-    from ..models.anatomy import blocks, head_parameters
-
     for p in model.parameters():
         p.requires_grad_(False)
     _, stack = blocks(model)
@@ -183,13 +182,11 @@ def save(run_dir: Path, model, tokenizer) -> str:
     return out.name
 
 
-def load(cfg, weights: Path, head: str, model_kwargs: dict, pad_token_id: int | None = None):
-    """The base, the same adapters on it, and the saved tensors in them."""
+def load(cfg: Config, weights: Path, head: str, base):
+    """The same adapters on `base` (loaded by the caller), and the saved tensors in them."""
     from safetensors.torch import load_file
 
-    from .common import load_base
-
-    model = apply(load_base(cfg, head, model_kwargs, torch.float32, pad_token_id), cfg.tuning, head)
+    model = apply(base, cfg, head)
     saved = load_file(weights / WEIGHTS)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

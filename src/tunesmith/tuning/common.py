@@ -1,5 +1,5 @@
-"""What the tuning modules share: the peft wrapper, the task head, loading a base for a tuning, and the
-checks that run before any weights are read.
+"""What the tuning modules share: the peft wrapper and the task head. (Loading a base as a tuning needs
+it and the checks before any weights are read are the run layer's: tunesmith/build.py.)
 
 What a tuning module provides is written down in `tunesmith/axes.py` (`Tuning`, `TuningHooks`).
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..models.anatomy import head_modules
 
 # peft's task types decide what the wrapper saves with the adapter (e.g. the new classifier head).
 PEFT_TASK_TYPES = {
@@ -22,8 +23,6 @@ PEFT_TASK_TYPES = {
 
 def head_to_train(model, head: str, train_head: bool) -> list[str] | None:
     """peft's `modules_to_save`: the new classification head trains in full; a pretrained LM head stays frozen."""
-    from ..models.anatomy import head_modules
-
     if head != "sequence-classification" or not train_head:
         return None
     return head_modules(model)
@@ -48,72 +47,3 @@ def wrap(model, peft_config, head: str):
 
 def is_meta(model) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
-
-
-def load_base(cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad_token_id: int | None):
-    """The base model as this run's tuning needs it loaded (e.g. 4-bit for qlora)."""
-    from ..models.load import build_config, load_model, resolve
-    from . import TUNINGS
-
-    tuning = TUNINGS[cfg.tuning.kind]
-    extra = {}
-    if hasattr(tuning, "load_kwargs"):
-        config = build_config(cfg.model, model_kwargs, resolve(cfg.model.name))
-        extra = tuning.load_kwargs(cfg.tuning, config, head, dtype)
-    return load_model(cfg.model, head, model_kwargs, dtype, pad_token_id, extra=extra)
-
-
-def load_adapter(cfg, weights: Path, head: str, model_kwargs: dict, pad_token_id: int | None = None):
-    """The default reload of a peft run: its base, then the saved adapter on top (frozen, for inference)."""
-    from peft import PeftModel
-
-    base = load_base(cfg, head, model_kwargs, torch.float32, pad_token_id)
-    return PeftModel.from_pretrained(base, weights)
-
-
-def check_before_loading(cfg, model_kwargs: dict) -> None:
-    """Everything about the tuning that can be wrong, found before any weights are read: the tuning's own
-    check on the model's config, then the tuning applied to the model built on the meta device (which
-    catches target names that match nothing, layer ranges out of bounds, ...)."""
-    from ..models.load import build_config, build_on_meta, resolve
-    from ..objectives import OBJECTIVES
-    from . import TUNINGS
-
-    objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
-    head = objective.HEAD
-    if head not in tuning.HEADS:
-        able = [kind for kind, t in TUNINGS.items() if head in t.HEADS]
-        raise ConfigError(f"objective {cfg.objective.kind} trains with tuning {' or '.join(able)}, not "
-                          f"{cfg.tuning.kind!r} (tuning {cfg.tuning.kind} cannot train a {head} head)",
-                          where="tuning.kind", hint=f"use tuning.kind={able[0]}" if able else None)
-    resolved = resolve(cfg.model.name)
-    config = build_config(cfg.model, model_kwargs, resolved)
-    if hasattr(tuning, "check_model"):
-        tuning.check_model(cfg.tuning, config, head)
-    if hasattr(objective, "check_model"):
-        objective.check_model(cfg.objective, config)
-    if hasattr(tuning, "load_kwargs") and resolved.startswith("arch:"):
-        raise ConfigError(f"tuning {cfg.tuning.kind!r} quantizes pretrained weights, and {cfg.model.name} has none "
-                          "(an arch: model is random)", where="model.name",
-                          hint="use arch: models with `tunesmith plan`, or train from a model folder or sample")
-    model = build_on_meta(cfg.model, head, model_kwargs)
-    if cfg.train.gradient_checkpointing:
-        _checkpointable(model)
-    with torch.device("meta"):
-        tuning.apply(model, cfg.tuning, head)
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute block activations in backward (`train.gradient_checkpointing`). Non-reentrant checkpoints
-    need no input that requires grad (frozen embeddings are fine) and replay dropout's random state, so the
-    gradients equal those without checkpointing."""
-    _checkpointable(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _checkpointable(model):
-    """The transformers model inside (a peft wrapper's base), if it supports gradient checkpointing."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(inner, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing",
-                          where="train.gradient_checkpointing", hint="set it to false")
-    return inner

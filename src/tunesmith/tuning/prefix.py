@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..errors import ConfigError
+from ..models.load import head_class
 from ..schema import Section
 from .common import check_head, head_to_train, wrap
 
@@ -44,8 +45,6 @@ def _accepts_cache(cls) -> bool:
 
 def check_model(cfg: Config, model_config, head: str) -> None:
     from transformers import AutoModel
-
-    from ..models.load import head_class
 
     check_head(head, cfg.train_head)
     head_cls = head_class(head)._model_mapping.get(type(model_config), None)

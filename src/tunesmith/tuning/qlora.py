@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Literal
 
 from ..errors import ConfigError
+from ..models.anatomy import head_modules
+from ..models.load import head_class, quiet_transformers
+from ..models.quantize import bnb_config
 from . import lora
 from .common import wrap
 from .lora import LowRank
@@ -45,10 +48,6 @@ def check_model(cfg: Config, model_config, head: str) -> None:
 def load_kwargs(cfg: Config, model_config, head: str, dtype):
     """Load the base in 4 bits; the head modules (task head, LM head) stay in floating point."""
     import torch
-
-    from ..models.anatomy import head_modules
-    from ..models.load import head_class, quiet_transformers
-    from ..models.quantize import bnb_config
 
     with torch.device("meta"), quiet_transformers():
         skip = head_modules(head_class(head).from_config(model_config))
