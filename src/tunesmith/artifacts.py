@@ -37,7 +37,15 @@ def write_json(path: Path, data) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON file tunesmith wrote; a damaged one is a located error, not a traceback."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunesmithError(f"{path.name} is missing", where=str(path),
+                             hint="the folder is incomplete: rerun the command that made it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise TunesmithError(f"damaged file, not readable JSON ({type(e).__name__})", where=str(path),
+                             hint="the folder is corrupt: rerun the command that made it") from None
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -60,6 +68,90 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
 def clear_run_dir(run_dir: Path) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)
+
+
+def check_output_dir(out: Path) -> None:
+    """The parent of run folders can be made and written (checked before anything is written): the nearest
+    existing folder on its path must be a writable folder."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise TunesmithError(f"{probe} is a file, so the run folder cannot be made under it", where="output.dir",
+                             hint="set output.dir to a folder")
+    try:
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise TunesmithError(f"cannot write under {probe} ({e.strerror or e})", where="output.dir",
+                             hint="set output.dir to a folder you can write to") from None
+
+
+def fail(run_dir: Path, exc: BaseException, *, fresh: bool) -> None:
+    """A run that stopped with an error. Bad input found before any checkpoint of a fresh run removes the
+    folder this run made, so nothing blocks a re-run; otherwise the run is marked failed (resumable), and
+    the traceback of a bug goes to `error.log` in the folder (named in the CLI's one-line message)."""
+    from .errors import TunesmithError as UserError
+
+    if fresh and isinstance(exc, UserError) and not (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    try:
+        set_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, (UserError, KeyboardInterrupt)):
+            import traceback
+
+            log = run_dir / "error.log"
+            log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
+            exc.tunesmith_log = str(log)
+    except OSError:
+        pass  # the disk may be the problem (full): the original error is what the user needs to see
+
+
+# Keys a resumed run may change: they do not alter the model, the data or the optimisation path.
+RESUME_MAY_CHANGE = ("name", "output.", "eval.", "train.log_every", "train.save_every", "train.eval_batch_size",
+                     "train.gradient_checkpointing", "model.trust_remote_code")
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def check_resume(run_dir: Path, cfg) -> None:
+    """`--resume` continues the run it finds only with the same model, data and training: refuse (naming the
+    keys) a config that changes any of them."""
+    import yaml
+
+    from .config import dump
+
+    path = run_dir / CONFIG
+    if not path.exists():
+        return  # nothing saved yet: the run starts from the beginning
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise TunesmithError("the saved config is damaged", where=str(path),
+                             hint="start over with --force instead of --resume")
+    old, new = _flat(saved), _flat(yaml.safe_load(dump(cfg)))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise TunesmithError(f"--resume with a changed config: {shown}{more}; these change the model, the data or "
+                             "the training, so the checkpoint does not belong to this config", where=str(path),
+                             hint="undo those changes to resume, or start over with --force (or another name)")
 
 
 def set_status(run_dir: Path, state: str, **extra) -> None:
