@@ -25,7 +25,7 @@ def decode(raw: bytes, where: str, encoding: str | None = None, *, error: type[T
         text = raw.decode(name)
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise error(f"not {name} text: byte {e.start} (0x{raw[e.start]:02x}, line {line}) cannot be decoded",
+        raise error(f"not {name} text: the byte at offset {e.start} (0x{raw[e.start]:02x}) cannot be decoded",
                     where=f"{where}:{line}", hint=hint) from None
     except LookupError:
         raise error(f"unknown encoding {encoding!r}", where=where, hint="name a Python codec, e.g. cp1252") from None
