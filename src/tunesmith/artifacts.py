@@ -198,6 +198,40 @@ def manifest(cfg, model_kwargs: dict) -> dict:
     }
 
 
+def read_finished(run_dir: Path):
+    """A finished run's resolved config, model head arguments, summary and weights folder, each checked, so a
+    damaged file is a located error: (cfg, model_kwargs, summary, weights)."""
+    import yaml
+
+    from .config import _Source, validate
+    from .models.load import check_safetensors
+
+    path = run_dir / CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise TunesmithError("the run's saved config is damaged (not a YAML mapping)", where=str(path),
+                             hint="the run folder is corrupt: train it again")
+    cfg = validate(data, _Source(str(path)))
+    manifest_data, summary = read_json(run_dir / MANIFEST), read_json(run_dir / SUMMARY)
+    kwargs = manifest_data.get("model_kwargs") if isinstance(manifest_data, dict) else None
+    weights = summary.get("weights") if isinstance(summary, dict) else None
+    if not isinstance(kwargs, dict):
+        raise TunesmithError("no model_kwargs in the manifest", where=str(run_dir / MANIFEST),
+                             hint="the run folder is corrupt: train it again")
+    if not isinstance(weights, str) or not (run_dir / weights).is_dir() or "/" in weights or weights.startswith("."):
+        raise TunesmithError(f"the summary names no weights folder of this run (weights: {weights!r})",
+                             where=str(run_dir / SUMMARY), hint="the run folder is corrupt: train it again")
+    for f in sorted((run_dir / weights).glob("*.safetensors")):
+        check_safetensors(f)
+    for name in ("adapter_config.json", "config.json"):
+        if (run_dir / weights / name).exists():
+            read_json(run_dir / weights / name)
+    return cfg, kwargs, summary, run_dir / weights
+
+
 def peak_memory_mb() -> float:
     import resource
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from .config import DataConfig, GenerateConfig, RunConfig
 from .errors import TunesmithError
@@ -71,13 +70,28 @@ def load_weights(cfg: RunConfig, weights: Path, model_kwargs: dict, pad_token_id
         return head_class(head).from_pretrained(weights, dtype=torch.float32)
 
 
+def _guarded_load(where: Path, load):
+    """Run a library loader over a folder of weights or tokenizer files; its failures on damaged files become
+    a located error."""
+    from .errors import TunesmithError as UserError
+    from .models.load import load_error
+
+    try:
+        return load()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged files fail in many library-specific ways; all are bad input
+        raise TunesmithError(load_error(str(where), "saved", e).message, where=str(where),
+                             hint="the folder may be damaged: train or copy it again") from None
+
+
 def load_trained(path: str | Path, head: str | None = None) -> Trained:
     """A finished run folder, a model folder or `sample:<model>`; `head` picks the head of a plain model
     (default: the one in its config.json)."""
     from transformers import AutoTokenizer
 
     from . import artifacts
-    from .models.load import head_class, quiet_transformers, resolve
+    from .models.load import check_model_folder, head_class, quiet_transformers, resolve
 
     name = str(path)
     path = Path(path)
@@ -85,24 +99,22 @@ def load_trained(path: str | Path, head: str | None = None) -> Trained:
         if not artifacts.is_finished(path):
             raise TunesmithError(f"{path} is not a finished run (no {artifacts.SUMMARY})",
                                  hint="finish it with `tunesmith train CONFIG --resume`")
-        cfg = RunConfig.model_validate(yaml.safe_load((path / artifacts.CONFIG).read_text()))
+        cfg, kwargs, summary, weights = artifacts.read_finished(path)
         objective = OBJECTIVES[cfg.objective.kind]
-        kwargs = artifacts.read_json(path / artifacts.MANIFEST)["model_kwargs"]
-        summary = artifacts.read_json(path / artifacts.SUMMARY)
-        weights = path / summary["weights"]
-        tokenizer = AutoTokenizer.from_pretrained(weights)
-        model = load_weights(cfg, weights, kwargs, tokenizer.pad_token_id)
+        tokenizer = _guarded_load(weights, lambda: AutoTokenizer.from_pretrained(weights))
+        model = _guarded_load(weights, lambda: load_weights(cfg, weights, kwargs, tokenizer.pad_token_id))
         obj_cfg, data_cfg, generate = cfg.objective, cfg.data, cfg.eval.generate
         templated = bool((summary.get("chat") or {}).get("template"))
     else:
         folder = Path(resolve(name)) if name.startswith("sample:") else path
         if not (folder / "config.json").exists():
             raise TunesmithError(f"{path} is neither a run folder (config.yaml) nor a model folder (config.json)")
+        check_model_folder(folder)
         cfg, head = None, head or _head_of(folder)
         objective = OBJECTIVES[HEAD_OBJECTIVES[head]]
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _guarded_load(folder, lambda: AutoTokenizer.from_pretrained(folder))
         with quiet_transformers():
-            model = head_class(head).from_pretrained(folder, dtype=torch.float32)
+            model = _guarded_load(folder, lambda: head_class(head).from_pretrained(folder, dtype=torch.float32))
         obj_cfg, data_cfg, generate = objective.Config(), DataConfig(train=""), GenerateConfig()
         templated = True
     if tokenizer.pad_token is None:

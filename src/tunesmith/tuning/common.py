@@ -87,7 +87,7 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
     """Everything about the tuning that can be wrong, found before any weights are read: the tuning's own
     check on the model's config, then the tuning applied to the model built on the meta device (which
     catches target names that match nothing, layer ranges out of bounds, ...)."""
-    from ..models.load import build_config, build_on_meta, resolve
+    from ..models.load import build_config, build_on_meta, check_architecture, resolve
     from ..objectives import OBJECTIVES
     from . import TUNINGS
 
@@ -100,6 +100,7 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
                           where="tuning.kind", hint="use tuning.kind=full, or freeze (the last blocks and the head)")
     resolved = resolve(cfg.model.name)
     config = build_config(cfg.model, model_kwargs, resolved)
+    check_architecture(cfg.model, config, head, cfg.data.max_length)
     if hasattr(tuning, "check"):
         tuning.check(cfg.tuning, config, head)
     if hasattr(OBJECTIVES[cfg.objective.kind], "check"):
