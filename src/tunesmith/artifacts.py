@@ -107,7 +107,7 @@ def fail(run_dir: Path, exc: BaseException, *, fresh: bool) -> None:
 
             log = run_dir / "error.log"
             log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
-            exc.tunesmith_log = str(log)
+            exc.tunesmith_log = str(log.resolve())
     except OSError:
         pass  # the disk may be the problem (full): the original error is what the user needs to see
 
