@@ -354,7 +354,7 @@ def dotted_key(loc: tuple) -> str:
     return out
 
 
-MAX_DEPTH, MAX_NODES = 64, 100_000
+MAX_DEPTH, MAX_NODES = 64, 20_000
 _STANDARD = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
 _MERGE = "tag:yaml.org,2002:merge"
 
@@ -377,7 +377,7 @@ class _Walk:
             self.fail(node, f"nested more than {MAX_DEPTH} levels deep", hint="a run config is a few levels deep")
         if isinstance(node, yaml.ScalarNode):
             try:
-                return yaml.safe_load(yaml.serialize(node))
+                return yaml.constructor.SafeConstructor().construct_object(node)
             except yaml.YAMLError as e:
                 self.fail(node, f"cannot read this value: {getattr(e, 'problem', None) or e}",
                           hint="tags like !!python/... or !custom are not allowed in a config")

@@ -64,7 +64,9 @@ def read(ref: str, encoding: str | None = None) -> dict[str, Split] | Split:
     if path.is_dir():
         return read_folder(path, encoding=encoding)
     if not path.exists():
-        raise DataError(f"data file not found: {ref}", hint="give a path to a file or folder, or sample:<name>")
+        raise DataError("data file not found", where=str(path),
+                        hint="give a path to a file or folder, or sample:<name>; a relative path in a config file "
+                             "is read from the config file's folder")
     return read_file(path, encoding)
 
 
@@ -83,7 +85,7 @@ def read_folder(path: Path, label: str | None = None, encoding: str | None = Non
                 break
     if not splits:
         raise DataError(
-            f"no split files in folder {path}",
+            "no split files in this folder", where=str(path),
             hint="name files train.jsonl / validation.jsonl / test.jsonl (or .csv, .json, .parquet, .txt)",
         )
     return splits
