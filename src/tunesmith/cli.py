@@ -380,7 +380,8 @@ def _guarded(command, args, argv: list[str], debug: bool) -> int:
         print(f"error: {e.render()}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Terminated:
-        print("terminated (SIGTERM); continue the run with --resume", file=sys.stderr)
+        resumable = "; continue the run with --resume" if getattr(args, "command", "") == "train" else ""
+        print(f"terminated (SIGTERM){resumable}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
