@@ -4,6 +4,7 @@ prediction and generation."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def load_weights(cfg: RunConfig, weights: Path, model_kwargs: dict, pad_token_id
     if (weights / "adapter_config.json").exists():
         return load_adapter(cfg, weights, head, model_kwargs, pad_token_id)
     with quiet_transformers():
-        return head_class(head).from_pretrained(weights, dtype=torch.float32)
+        return head_class(head).from_pretrained(weights, dtype=torch.float32,
+                                                trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _guarded_load(where: Path, load):
@@ -81,13 +83,19 @@ def _guarded_load(where: Path, load):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - damaged files fail in many library-specific ways; all are bad input
+        if isinstance(e, ValueError) and "trust_remote_code" in str(e):
+            raise TunesmithError(f"{where} ships its own Python code, which runs only when you allow it",
+                                 hint="pass --trust-remote-code if you trust this model") from None
         raise TunesmithError(load_error(str(where), "saved", e).message, where=str(where),
                              hint="the folder may be damaged: train or copy it again") from None
 
 
-def load_trained(path: str | Path, head: str | None = None) -> Trained:
+def load_trained(path: str | Path, head: str | None = None, trust_remote_code: bool = False) -> Trained:
     """A finished run folder, a model folder or `sample:<model>`; `head` picks the head of a plain model
-    (default: the one in its config.json)."""
+    (default: the one in its config.json).
+
+    Python code shipped with a model runs only when the caller passes `trust_remote_code` (the command line of
+    this invocation): a run folder is often someone else's, so its config.yaml never turns it on."""
     from transformers import AutoTokenizer
 
     from . import artifacts
@@ -100,8 +108,14 @@ def load_trained(path: str | Path, head: str | None = None) -> Trained:
             raise TunesmithError(f"{path} is not a finished run (no {artifacts.SUMMARY})",
                                  hint="finish it with `tunesmith train CONFIG --resume`")
         cfg, kwargs, summary, weights = artifacts.read_finished(path)
+        if cfg.model.trust_remote_code and not trust_remote_code:
+            print(f"note: {path / artifacts.CONFIG} says model.trust_remote_code: true; a run folder cannot allow "
+                  "a model's own code to run, so it is not: pass --trust-remote-code if you trust this model",
+                  file=sys.stderr)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})})
         objective = OBJECTIVES[cfg.objective.kind]
-        tokenizer = _guarded_load(weights, lambda: AutoTokenizer.from_pretrained(weights))
+        tokenizer = _guarded_load(weights, lambda: AutoTokenizer.from_pretrained(weights,
+                                                                                 trust_remote_code=trust_remote_code))
         model = _guarded_load(weights, lambda: load_weights(cfg, weights, kwargs, tokenizer.pad_token_id))
         obj_cfg, data_cfg, generate = cfg.objective, cfg.data, cfg.eval.generate
         templated = bool((summary.get("chat") or {}).get("template"))
@@ -112,9 +126,11 @@ def load_trained(path: str | Path, head: str | None = None) -> Trained:
         check_model_folder(folder)
         cfg, head = None, head or _head_of(folder)
         objective = OBJECTIVES[HEAD_OBJECTIVES[head]]
-        tokenizer = _guarded_load(folder, lambda: AutoTokenizer.from_pretrained(folder))
+        tokenizer = _guarded_load(folder, lambda: AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=trust_remote_code))
         with quiet_transformers():
-            model = _guarded_load(folder, lambda: head_class(head).from_pretrained(folder, dtype=torch.float32))
+            model = _guarded_load(folder, lambda: head_class(head).from_pretrained(
+                folder, dtype=torch.float32, trust_remote_code=trust_remote_code))
         obj_cfg, data_cfg, generate = objective.Config(), DataConfig(train=""), GenerateConfig()
         templated = True
     if tokenizer.pad_token is None:
