@@ -202,7 +202,8 @@ REJECTED = [(t, o) for t in TUNINGS_UNDER_TEST for o in TUNINGS_UNDER_TEST[t].re
 
 def run_config(tuning: str, objective: str, model_dir) -> RunConfig:
     obj = OBJECTIVES_UNDER_TEST[objective]
-    return RunConfig.model_validate({"name": f"{tuning}-{objective}", "model": str(model_dir), "data": {"train": "-"},
+    return RunConfig.model_validate({"name": f"{tuning}-{objective}", "model": str(model_dir),
+                                     "data": {"train": "-", "max_length": 64},
                                      "tuning": TUNINGS_UNDER_TEST[tuning].config, "objective": {"kind": obj.kind}})
 
 
