@@ -42,7 +42,7 @@ def main() -> None:
     from tunesmith.models.load import load_tokenizer, resolve
     from tunesmith.objectives import sft
     from tunesmith.objectives.lm import check_packing
-    from tunesmith.train.batches import train_batches
+    from tunesmith.data.batches import train_batches
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(ModelConfig(name=args.model))

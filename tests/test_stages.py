@@ -227,5 +227,5 @@ def test_a_ppo_stage_does_not_inherit_loop_settings_it_does_not_take(in_tmp, tin
     # ...while a ppo stage that sets one itself is told it is not used
     cfg.write_text(text.replace("train: {max_steps: 4, batch_size: 16, log_every: 2}",
                                 "train: {max_steps: 4, batch_size: 16, log_every: 2, eval_every: 3}"))
-    with pytest.raises(ConfigError, match="train.eval_every: ppo does not use it"):
+    with pytest.raises(ConfigError, match=r"train.eval_every\)?: ppo does not use it"):
         stages.load(cfg)

@@ -10,7 +10,6 @@ which then continues from the one before, saying so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..cache import sha256
 
 LAST, PREVIOUS, BEST, CHECKSUMS = "last", "previous", "best.safetensors", "checksums.json"
 MID_SWAP = ".last-old"  # where `last` briefly is while a new one is renamed in (older runs: their only spare)
@@ -52,14 +53,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     """Flush a file or folder to the disk, so a rename after it never points at unwritten data."""
     fd = os.open(path, os.O_RDONLY)
@@ -81,7 +74,7 @@ def save(folder: Path, model, optimizer, scheduler, loop_state: dict) -> None:
     sums = {}
     for f in ("trainable.safetensors", "optimizer.pt", "state.json"):
         _fsync(tmp / f)
-        sums[f] = _sha256(tmp / f)
+        sums[f] = sha256(tmp / f)
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
     _fsync(tmp / CHECKSUMS)
     _fsync(tmp)
@@ -105,7 +98,7 @@ def damage(path: Path) -> str | None:
             for name, digest in sums.items():
                 if not (path / name).is_file():
                     return f"{name} is missing"
-                if _sha256(path / name) != digest:
+                if sha256(path / name) != digest:
                     return f"{name} does not match its checksum"
             return None if {"trainable.safetensors", "optimizer.pt", "state.json"} <= set(sums) else "incomplete"
         json.loads((path / "state.json").read_text())
