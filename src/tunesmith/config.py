@@ -173,13 +173,23 @@ class RunConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
     """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
-    """How tasks are scheduled (`kind`: single, continual)."""
+    """How tasks are scheduled (`kind`: single, continual, meta)."""
     train: TrainConfig = TrainConfig()
     """The training loop."""
     eval: EvalConfig = EvalConfig()
     """What is measured after training."""
     output: OutputConfig = OutputConfig()
     """Where the run folder goes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_of_first_task(cls, raw):
+        """A regime over tasks may leave out the top-level `data:`; the first task's then stands for it."""
+        if isinstance(raw, dict) and "data" not in raw and isinstance(raw.get("regime"), dict):
+            tasks = raw["regime"].get("tasks")
+            if isinstance(tasks, list) and tasks and isinstance(tasks[0], dict) and isinstance(tasks[0].get("data"), dict):
+                return {**raw, "data": tasks[0]["data"]}
+        return raw
 
     @field_validator("model", mode="before")
     @classmethod
@@ -215,7 +225,11 @@ class RunConfig(Section):
             raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {self.tuning.kind!r} "
                              "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
                              "a frozen copy (twice the memory): leave precompute_ref null or set it true")
-        if self.regime.kind == "continual" and objective.HEAD == "sequence-classification":
+        regime_check = getattr(REGIMES[self.regime.kind], "check", None)
+        if regime_check is not None:
+            regime_check(self)
+        if self.regime.kind == "continual" and objective.HEAD == "sequence-classification" and \
+                self.regime.tasks is None:
             if self.regime.penalty.kind == "ewc":
                 raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
                                  "general text, which a new classifier head does not have; use l2sp")
