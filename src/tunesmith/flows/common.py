@@ -21,15 +21,15 @@ def one_process() -> Accelerator:
     return accelerator
 
 
-def open_run_dir(run_dir: Path, cfg: RunConfig, model_kwargs: dict, card: dict, force: bool) -> None:
-    """The run folder, marked as running until summary.json is written (as run.py opens it)."""
-    if force:
-        artifacts.clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def open_run_dir(run_dir: Path, cfg: RunConfig, model_kwargs: dict, card: dict, resume: bool, force: bool):
+    """The run folder, locked by this process and marked as running until summary.json is written (as run.py
+    opens it). Returns the lock: `artifacts.release` it when the run ends, whichever way."""
+    lock = artifacts.claim_run_dir(run_dir, resume=resume, force=force)
     artifacts.set_status(run_dir, "running")
     (run_dir / artifacts.CONFIG).write_text(dump(cfg), encoding="utf-8")
     artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, model_kwargs))
     artifacts.write_json(run_dir / "data_card.json", card)
+    return lock
 
 
 def finish(run_dir: Path, summary: dict) -> None:

@@ -133,12 +133,14 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     if reg.adapters:
         check_adapters_freeze_base(cfg, head, kwargs)
 
-    open_run_dir(run_dir, cfg, kwargs, {t.name: t.card for t in tasks}, force)
+    lock = open_run_dir(run_dir, cfg, kwargs, {t.name: t.card for t in tasks}, resume, force)
     try:
         return _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resume, started, params_summary)
     except BaseException as e:
         artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        artifacts.release(lock)
 
 
 def _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resume, started, params_summary) -> dict:

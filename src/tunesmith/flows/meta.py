@@ -74,7 +74,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     print(f"meta-train classes ({len(train_classes)}): {', '.join(train_classes)}")
     print(f"meta-test classes ({len(test_classes)}): {', '.join(test_classes)}")
 
-    open_run_dir(run_dir, cfg, episode_kwargs, prepared.card, force)
+    lock = open_run_dir(run_dir, cfg, episode_kwargs, prepared.card, resume, force)
     try:
         return _run(run_dir, cfg, objective, tuning, tokenizer, prepared, report, accelerator, train_classes,
                     test_classes, train_sampler, test_sampler, episode_kwargs, resume, started,
@@ -82,6 +82,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     except BaseException as e:
         artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        artifacts.release(lock)
 
 
 class Episodes:
