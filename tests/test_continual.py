@@ -179,6 +179,11 @@ def test_config_rules_of_a_task_sequence(in_tmp, tiny_bert, task_dirs):
         load_config(path, ["regime.replay.fraction=0.2"])
     with pytest.raises(ConfigError, match="nothing is shared to protect"):
         load_config(path, ["regime.adapters=true", "regime.penalty.kind=l2sp"])
+    with pytest.raises(ConfigError, match="leave the top-level objective out"):
+        load_config(path, ["objective.kind=classify"])
+    with pytest.raises(ValueError, match=r"regime.tasks\[1\].objective.kind: .* 'clm' has none"):
+        regime.Config(tasks=[{"name": "a", "data": {"train": "x"}}, {"name": "b", "data": {"train": "y"},
+                                                                      "objective": "clm"}])
     with pytest.raises(ValueError, match="belong to a task sequence"):
         regime.Config(replay={"per_task": 4})
     task = {"name": "senti", "data": {"train": str(task_dirs["senti"])}}

@@ -118,7 +118,6 @@ def test_episodes_repeat_for_a_seed_and_draw_only_their_classes():
 
 @pytest.fixture
 def episodes(tiny_bert, topics_dir):
-    from tunesmith.data.collate import collate  # noqa: F401
     from tunesmith.flows.meta import Episodes
     from tunesmith.models.load import load_tokenizer
     from tunesmith.config import ModelConfig
@@ -147,7 +146,9 @@ def test_prototype_head_scores_by_distance_to_class_means(episodes):
     support = ep.batch("train", episode.support)
     meta.init_head(ep.model, support, 3, "prototype")
     feats = []
-    layer = meta.head_linear(ep.model, 3)
+    from tunesmith.models.anatomy import logits_layer
+
+    layer = logits_layer(ep.model, 3)
     hook = layer.register_forward_pre_hook(lambda m, a: feats.append(a[0]))
     logits = ep.model(input_ids=support["input_ids"], attention_mask=support["attention_mask"]).logits
     hook.remove()

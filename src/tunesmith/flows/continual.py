@@ -61,15 +61,10 @@ class Task:
         return self.objective.MAIN_METRIC
 
 
-def prepare_tasks(cfg: RunConfig, tokenizer, run_dir: Path) -> tuple[list[Task], dict, regime.TaskSlices | None]:
-    """Every task's splits, checks and examples; for classification tasks one head over all their labels
-    (task i's labels at its own offset, its examples tagged with `task: i`). Returns (tasks, model kwargs,
-    slices or None)."""
-    heads = {OBJECTIVES[t.objective.kind].HEAD for t in cfg.regime.tasks}
-    if len(heads) > 1:
-        raise ConfigError(f"the tasks of a sequence share one model head; these need {', '.join(sorted(heads))}",
-                          where="regime.tasks", hint="give every task an objective with the same head")
-    head = heads.pop()
+def prepare_tasks(cfg: RunConfig, tokenizer, run_dir: Path) -> tuple[list[Task], dict, regime.TaskSlices]:
+    """Every task's splits, checks and examples, and one classifier head over all their labels: task i's labels
+    at its own offset, named `<task>:<label>`, its examples tagged with `task: i`. Returns (tasks, model kwargs,
+    slices)."""
     prepared_all = []
     for i, task in enumerate(cfg.regime.tasks):
         objective = OBJECTIVES[task.objective.kind]
@@ -84,20 +79,18 @@ def prepare_tasks(cfg: RunConfig, tokenizer, run_dir: Path) -> tuple[list[Task],
                               where=f"regime.tasks[{i}].data.split.test")
         prepared_all.append((task, objective, prepared))
 
-    slices, kwargs = None, {}
-    if head == "sequence-classification":
-        slices = regime.TaskSlices([p.model_kwargs["num_labels"] for _, _, p in prepared_all])
-        names = []
-        for i, (task, _, prepared) in enumerate(prepared_all):
-            offset = slices.bounds[i][0]
-            names += [f"{task.name}:{prepared.model_kwargs['id2label'][k]}" for k in range(prepared.model_kwargs["num_labels"])]
-            prepared.examples = {s: [{**e, "labels": e["labels"] + offset, "task": i} for e in ex]
-                                 for s, ex in prepared.examples.items()}
-        kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                  "label2id": {n: i for i, n in enumerate(names)}}
-    else:
-        kwargs = prepared_all[0][2].model_kwargs
-    tasks = [Task(i, task, prepared, slices.objective(objective) if slices else objective, run_dir)
+    # the config allows classification tasks only (regime.continual checks): one head, a slice per task
+    slices = regime.TaskSlices([p.model_kwargs["num_labels"] for _, _, p in prepared_all])
+    names = []
+    for i, (task, _, prepared) in enumerate(prepared_all):
+        offset = slices.bounds[i][0]
+        labels = prepared.model_kwargs["id2label"]
+        names += [f"{task.name}:{labels[k]}" for k in range(prepared.model_kwargs["num_labels"])]
+        prepared.examples = {s: [{**e, "labels": e["labels"] + offset, "task": i} for e in ex]
+                             for s, ex in prepared.examples.items()}
+    kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+              "label2id": {n: i for i, n in enumerate(names)}}
+    tasks = [Task(i, task, prepared, slices.objective(objective), run_dir)
              for i, (task, objective, prepared) in enumerate(prepared_all)]
     return tasks, kwargs, slices
 
@@ -144,16 +137,14 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
 
 
 def _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resume, started, params_summary) -> dict:
-    from ..models.anatomy import head_parameters
-    from ..regimes.meta import head_linear
+    from ..models.anatomy import logits_layer
 
     reg, device, pad_id = cfg.regime, accelerator.device, tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     set_seed(cfg.train.seed)
     model = load_base(cfg, head, kwargs, torch.float32, pad_id)
     model = TUNINGS[cfg.tuning.kind].apply(model, cfg.tuning, head, tokenizer).to(device)
-    if slices is not None:
-        slices.attach(head_linear(model, slices.total))
+    slices.attach(logits_layer(model, slices.total))
     trainable, total = count_parameters(model)
     print(format_parameters(trainable, total))
     fresh = trainable_state(model)  # with adapters: every task's adapter starts here
@@ -193,7 +184,7 @@ def _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resu
             buffer.add(t.name, t.index, t.examples["train"])
     if done:
         last = tasks[len(done) - 1]
-        load_trainable(model, load_file(last.dir / "end.safetensors") if not reg.adapters else fresh)
+        load_trainable(model, load_file(last.dir / "end.safetensors"))  # with adapters, the next task loads fresh
         anchors = _restore_anchors(last.dir, params, reg.penalty.weight)
         print(f"resuming after task {len(done)} of {len(tasks)} ({last.name})")
 

@@ -100,7 +100,14 @@ class Config(Section):
         return self
 
     def _check_tasks(self):
+        from ..objectives import OBJECTIVES
+
         check_tasks(self.tasks, least=2)
+        for i, task in enumerate(self.tasks):
+            objective = OBJECTIVES[task.objective.kind]
+            if objective.HEAD != "sequence-classification" or getattr(objective, "OWNS_STEP", False):
+                raise ValueError(f"regime.tasks[{i}].objective.kind: a task sequence is scored by each task's accuracy "
+                                 f"on a classification head of its own; {task.objective.kind!r} has none (use classify)")
         if "data" in self.replay.model_fields_set or "split" in self.replay.model_fields_set:
             raise ValueError("regime.replay.data: with tasks, replay draws from the buffer of earlier tasks' rows "
                              "(set regime.replay.per_task); drop replay.data and replay.split")
@@ -122,6 +129,13 @@ class Config(Section):
         if self.penalty.kind != "none":
             parts.append("online-ewc" if self.penalty.online is not None else self.penalty.kind)
         return "+".join(parts) or "naive"
+
+
+def check(run_cfg) -> None:
+    """A task sequence takes each task's objective from its own section."""
+    if run_cfg.regime.tasks is not None and "objective" in run_cfg.model_fields_set:
+        raise ValueError("objective: a task sequence takes each task's objective from regime.tasks[i].objective; "
+                         "leave the top-level objective out")
 
 
 def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict[str, Split]:

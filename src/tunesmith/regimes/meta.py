@@ -40,6 +40,7 @@ from pydantic import Field, model_validator
 
 from ..data.sources import Split
 from ..errors import ConfigError, DataError
+from ..models.anatomy import logits_layer
 from ..schema import Section
 
 
@@ -224,19 +225,10 @@ def accuracy(model, batch) -> float:
 # ------------------------------------------------------------------------------------------- the head
 
 
-def head_linear(model, ways: int) -> torch.nn.Linear:
-    """The layer that produces the logits: the last trainable Linear with `ways` outputs."""
-    found = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == ways
-             and m.weight.requires_grad]
-    if not found:
-        raise RuntimeError(f"no trainable {ways}-output linear layer (the classifier head) in {type(model).__name__}")
-    return found[-1]
-
-
 @torch.no_grad()
 def init_head(model, batch, ways: int, how: str) -> None:
     """A fresh N-way head: prototypes of the support features (see the module docstring), or zero."""
-    layer = head_linear(model, ways)
+    layer = logits_layer(model, ways)
     if how == "zero":
         layer.weight.zero_()
         if layer.bias is not None:
