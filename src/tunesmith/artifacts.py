@@ -145,7 +145,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool):
         raise _in_use(run_dir, holder)
     try:
         _check_state(run_dir, resume=resume, force=force)
-        if force:
+        if force and made_by_tunesmith(run_dir):  # else the folder is new (or empty): nothing to replace
             clear_run_dir(run_dir)
         mark_run_dir(run_dir)
     except BaseException:
