@@ -90,6 +90,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .build import starting_model
     from .data.load import rename_columns
     from .data.sources import Split, read
     from .evaluate.score import evaluate
@@ -104,8 +105,9 @@ def cmd_eval(args) -> int:
     assert isinstance(found, Split)
     part = rename_columns(found, {k: v for k, v in trained.data_cfg.columns.items() if v in found.columns()})
     prepared = trained.objective.prepare({args.split: part}, trained.tokenizer, trained.obj_cfg, trained.data_cfg)
-    if hasattr(trained.objective, "attach_reference_for"):  # dpo scores against its starting model
-        trained.objective.attach_reference_for(trained, prepared.examples, args.batch_size)
+    if hasattr(trained.objective, "attach_reference_for"):  # an objective that scores against the start
+        trained.objective.attach_reference_for(trained, prepared.examples, args.batch_size, lambda: starting_model(
+            trained.cfg, trained.name, trained.tokenizer.pad_token_id))
     scores = evaluate(trained.model, trained.objective, trained.obj_cfg, prepared.examples[args.split],
                       args.batch_size, trained.tokenizer.pad_token_id, None, args.split)
     print(json.dumps({"split": args.split, "rows": len(part.rows), **scores}, indent=2))

@@ -17,10 +17,14 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .data.config import ChecksConfig, DataConfig, LeakageConfig, Policy, SplitConfig  # noqa: F401 (re-exported)
+from .axes import Methods, metric_directions
 from .errors import ConfigError
+from .objectives import DEFAULT as DEFAULT_OBJECTIVE
 from .objectives import OBJECTIVES
+from .regimes import DEFAULT as DEFAULT_REGIME
 from .regimes import REGIMES
 from .schema import Section
+from .tuning import DEFAULT as DEFAULT_TUNING
 from .tuning import TUNINGS
 
 
@@ -148,13 +152,10 @@ class EvalConfig(Section):
     metrics: Optional[list[str]] = None
     """Metrics to report (default: all the objective offers)."""
     compare_base: bool = True
-    """Also score the starting model on the test split, so every run reports base vs tuned."""
-    generate: GenerateConfig = GenerateConfig()
-    """Generation settings: for sft's generation metrics, and the defaults of generate, chat and compare."""
-
-
     """Also score the starting model on the test and validation splits, so every run reports base vs tuned
     (and the diagnosis can tell whether training beat the start)."""
+    generate: GenerateConfig = GenerateConfig()
+    """Generation settings: for sft's generation metrics, and the defaults of generate, chat and compare."""
     forgetting: ForgettingConfig = ForgettingConfig()
     """The catastrophic-forgetting probe."""
 
@@ -185,11 +186,11 @@ class RunConfig(Section):
     """The base model to fine-tune."""
     data: DataConfig
     """Where the data comes from and how it is split and truncated."""
-    tuning: TuningConfig = Field(default_factory=lambda: TUNINGS["lora"].Config())
+    tuning: TuningConfig = Field(default_factory=lambda: TUNINGS[DEFAULT_TUNING].Config())
     """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
-    objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
+    objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].Config())
     """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo)."""
-    regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
+    regime: RegimeConfig = Field(default_factory=lambda: REGIMES[DEFAULT_REGIME].Config())
     """How tasks are scheduled (`kind`: single, continual, meta)."""
     train: TrainConfig = TrainConfig()
     """The training loop."""
@@ -226,39 +227,21 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check_combination(self):
-        objective = OBJECTIVES[self.objective.kind]
+        """The objective's metrics, then each chosen method's own `check` of rules that span axes."""
+        methods = Methods(TUNINGS[self.tuning.kind], OBJECTIVES[self.objective.kind], REGIMES[self.regime.kind])
+        directions = metric_directions(methods.objective)
         metric = self.train.early_stopping.metric
-        if metric is not None and metric not in objective.METRICS:
+        watchable = [m for m, d in methods.objective.METRICS.items() if d is not None]
+        if metric is not None and metric not in watchable:
             raise ValueError(f"train.early_stopping.metric: {metric!r} is not a metric of objective "
-                             f"{self.objective.kind!r} (choose from {', '.join(objective.METRICS)})")
-        offered = objective.METRICS + getattr(objective, "GENERATION_METRICS", ())
+                             f"{self.objective.kind!r} with a better direction (choose from {', '.join(watchable)})")
         for m in self.eval.metrics or []:
-            if m not in offered:
+            if m not in directions:
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
-                                 f"(choose from {', '.join(offered)})")
-        if getattr(objective, "OWNS_STEP", False):
-            if self.train.grad_accum != 1:
-                raise ValueError(f"train.grad_accum: {self.objective.kind} takes train.batch_size answers per step and "
-                                 "updates on them in objective.minibatch pieces; it does not accumulate")
-            if self.regime.kind != "single":
-                raise ValueError(f"regime.kind: {self.objective.kind} trains in its own loop, under the single regime "
-                                 "only (its KL penalty already holds it near the start)")
-        if self.objective.kind == "dpo" and self.objective.precompute_ref is False and \
-                self.tuning.kind in ("full", "freeze"):
-            raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {self.tuning.kind!r} "
-                             "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
-                             "a frozen copy (twice the memory): leave precompute_ref null or set it true")
-        regime_check = getattr(REGIMES[self.regime.kind], "check", None)
-        if regime_check is not None:
-            regime_check(self)
-        if self.regime.kind == "continual" and objective.HEAD == "sequence-classification" and \
-                self.regime.tasks is None:
-            if self.regime.penalty.kind == "ewc":
-                raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
-                                 "general text, which a new classifier head does not have; use l2sp")
-            if self.regime.replay.fraction > 0 and "data" not in self.regime.replay.model_fields_set:
-                raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
-                                 "labels); the default general text has no labels, so name the rows to replay")
+                                 f"(choose from {', '.join(directions)})")
+        for method in (methods.tuning, methods.objective, methods.regime):
+            if hasattr(method, "check"):
+                method.check(self, methods)
         return self
 
 

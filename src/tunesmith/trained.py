@@ -11,13 +11,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from .build import load_adapter, load_base
 from .config import DataConfig, GenerateConfig, RunConfig
 from .errors import TunesmithError
-from .objectives import OBJECTIVES
+from .objectives import FOR_PLAIN_MODEL, OBJECTIVES
 from .tuning import TUNINGS
-
-# A plain model folder is read as the objective its head is trained by.
-HEAD_OBJECTIVES = {"sequence-classification": "classify", "causal-lm": "sft", "masked-lm": "mlm"}
 
 
 @dataclass
@@ -58,14 +56,13 @@ def _chat_format(tokenizer, objective, obj_cfg, templated: bool):
 
 
 def load_weights(cfg: RunConfig, weights: Path, model_kwargs: dict, pad_token_id: int | None = None):
-    """The trained model of a run from its weights folder: the tuning's own loader if it has one, else
+    """The trained model of a run from its weights folder: the tuning's own loader on the base if it has one, else
     the base (loaded as the tuning needs, e.g. 4-bit) with the peft adapter, else the full weights."""
     from .models.load import head_class, quiet_transformers
-    from .tuning.common import load_adapter
 
     head, tuning = OBJECTIVES[cfg.objective.kind].HEAD, TUNINGS[cfg.tuning.kind]
     if hasattr(tuning, "load"):
-        return tuning.load(cfg, weights, head, model_kwargs, pad_token_id)
+        return tuning.load(cfg.tuning, weights, head, load_base(cfg, head, model_kwargs, torch.float32, pad_token_id))
     if (weights / "adapter_config.json").exists():
         return load_adapter(cfg, weights, head, model_kwargs, pad_token_id)
     with quiet_transformers():
@@ -109,7 +106,7 @@ def load_trained(path: str | Path, head: str | None = None, trust_remote_code: b
         if not (folder / "config.json").exists():
             raise TunesmithError(f"{path} is neither a run folder (config.yaml) nor a model folder (config.json)")
         cfg, head = None, head or _head_of(folder)
-        objective = OBJECTIVES[HEAD_OBJECTIVES[head]]
+        objective = OBJECTIVES[FOR_PLAIN_MODEL[head]]
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
             with quiet_transformers():

@@ -38,7 +38,7 @@ from ..regimes.tasks import load_task_splits
 from ..train.checkpoint import load_trainable, trainable_state
 from ..train.loop import fit
 from ..tuning import TUNINGS
-from ..tuning.common import check_before_loading, load_base
+from ..build import check_before_loading, load_base
 from .common import finish, one_process, open_run_dir
 
 PROGRESS = "progress.json"

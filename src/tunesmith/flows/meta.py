@@ -35,7 +35,7 @@ from ..objectives import OBJECTIVES
 from ..regimes import meta
 from ..train.loop import MetricsLog, fit
 from ..tuning import TUNINGS
-from ..tuning.common import check_before_loading, load_base
+from ..build import check_before_loading, load_base
 from .common import finish, one_process, open_run_dir
 
 

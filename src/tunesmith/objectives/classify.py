@@ -12,14 +12,15 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError
 from ..evaluate.metrics import accuracy, macro_f1
 from ..schema import Section
 from .common import Loss, Prepared
 
 HEAD = "sequence-classification"
-METRICS = ("accuracy", "macro_f1", "loss")
-MAIN_METRIC, MAIN_MODE = "accuracy", "max"
+METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
+MAIN_METRIC = "accuracy"
 
 
 class Config(Section):
@@ -39,8 +40,6 @@ def _label_names(splits, cfg: Config) -> list[str]:
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.tokenize import length_stats, tokenize_texts
-
     labels = _label_names(splits, cfg)
     index = {name: i for i, name in enumerate(labels)}
     examples, card = {}, {"labels": labels}
@@ -103,8 +102,6 @@ def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
 @torch.no_grad()
 def predict(model, tokenizer, texts: list[str], data) -> list[dict]:
     """Label and class probabilities for each text."""
-    from ..data.tokenize import tokenize_texts
-
     ids, _ = tokenize_texts(tokenizer, texts, data.max_length)
     enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     device = next(model.parameters()).device

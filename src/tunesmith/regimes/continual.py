@@ -37,10 +37,15 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
+from ..data.collate import collate
+from ..data.general import lm_examples, read_rows, texts_of
 from ..data.sources import Split
+from ..models.anatomy import head_parameters
+from ..objectives.lm import lm_losses
 from ..schema import Section
 from .tasks import TaskConfig, check_tasks
 
+ALTERS_TRAINING = True
 GENERAL = ["sample:wiki-demo", "sample:c4-demo"]
 
 
@@ -131,11 +136,23 @@ class Config(Section):
         return "+".join(parts) or "naive"
 
 
-def check(run_cfg) -> None:
-    """A task sequence takes each task's objective from its own section."""
-    if run_cfg.regime.tasks is not None and "objective" in run_cfg.model_fields_set:
-        raise ValueError("objective: a task sequence takes each task's objective from regime.tasks[i].objective; "
-                         "leave the top-level objective out")
+def check(run_cfg, methods) -> None:
+    """A task sequence takes each task's objective from its own section. In the one-task form, a new classifier
+    head has no pretrained loss (for EWC) and no labels in general text (for replay)."""
+    cfg = run_cfg.regime
+    if cfg.tasks is not None:
+        if "objective" in run_cfg.model_fields_set:
+            raise ValueError("objective: a task sequence takes each task's objective from regime.tasks[i].objective; "
+                             "leave the top-level objective out")
+        return
+    if methods.objective.HEAD != "sequence-classification":
+        return
+    if cfg.penalty.kind == "ewc":
+        raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
+                         "general text, which a new classifier head does not have; use l2sp")
+    if cfg.replay.fraction > 0 and "data" not in cfg.replay.model_fields_set:
+        raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
+                         "labels); the default general text has no labels, so name the rows to replay")
 
 
 def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict[str, Split]:
@@ -143,8 +160,6 @@ def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict[str, Split]:
     of train + replay. Fewer are used when the sources hold fewer."""
     if cfg.replay.fraction == 0 or cfg.tasks is not None:  # a task sequence replays from its buffer
         return {}
-    from ..data.general import read_rows
-
     pool = read_rows(cfg.replay.data, cfg.replay.split, where="regime.replay.data")
     want = round(train_rows * cfg.replay.fraction / (1 - cfg.replay.fraction))
     if want > len(pool.rows):
@@ -267,8 +282,6 @@ def after_task(cfg: Config, anchors: list[Anchor], params, fisher: dict[str, tor
 
 def anchored_parameters(model, head: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Trainable parameters with a meaningful starting value: all but a newly initialised classifier head."""
-    from ..models.anatomy import head_parameters
-
     new = {id(p) for p in head_parameters(model)} if head == "sequence-classification" else set()
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in new]
 
@@ -289,9 +302,6 @@ def make_penalty(cfg: Config, model, head: str, tokenizer, device, log=print) ->
 def fisher_diagonal(model, params, pen: PenaltyConfig, head: str, tokenizer, device) -> dict[str, torch.Tensor]:
     """Mean squared per-example gradient of the language-model loss on general text (the empirical
     Fisher), scaled to mean 1 over all anchored weights. Eval mode: no dropout noise in the estimate."""
-    from ..data.general import lm_examples, read_rows, texts_of
-    from ..objectives.lm import lm_losses
-
     part = read_rows(pen.fisher_data, "train", where="regime.penalty.fisher_data")
     examples = lm_examples(tokenizer, texts_of(part, "regime.penalty.fisher_data"), pen.fisher_max_length, head)
 
@@ -305,8 +315,6 @@ def fisher_diagonal(model, params, pen: PenaltyConfig, head: str, tokenizer, dev
 def empirical_fisher(model, params, examples: list[dict], loss_fn, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Mean over `examples` of each one's squared gradient of `loss_fn(model, batch)` (the empirical Fisher),
     scaled to mean 1 over all `params`. Eval mode: no dropout noise in the estimate."""
-    from ..data.collate import collate
-
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
     was_training = model.training
     model.eval()

@@ -93,7 +93,10 @@ class Config(Section):
         return self
 
 
-def check(run_cfg) -> None:
+ALTERS_TRAINING = True
+
+
+def check(run_cfg, methods=None) -> None:
     """Meta-learning adapts a classifier head per episode: the objective must be classify."""
     if run_cfg.objective.kind != "classify":
         raise ValueError(f"regime.kind: meta learns N-way classification episodes; objective {run_cfg.objective.kind!r} "

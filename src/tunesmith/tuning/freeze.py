@@ -11,9 +11,13 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..errors import ConfigError
+from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
 
 MERGEABLE = True  # the trained weights already are a plain model
+TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
+HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm"})
 
 
 class Config(Section):
@@ -28,16 +32,12 @@ class Config(Section):
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
-    from ..models.anatomy import blocks, head_parameters
-
     for p in model.parameters():
         p.requires_grad_(False)
     named = dict(model.named_parameters())
     if cfg.train_last:
         prefix, layers = blocks(model)
         if cfg.train_last > len(layers):
-            from ..errors import ConfigError
-
             raise ConfigError(
                 f"train_last={cfg.train_last} but the model has only {len(layers)} blocks",
                 where="tuning.train_last",
@@ -54,7 +54,5 @@ def apply(model, cfg: Config, head: str, tokenizer=None):
         if any(pat.search(name) for pat in patterns):
             p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        from ..errors import ConfigError
-
         raise ConfigError("nothing would train", where="tuning", hint="set train_head: true or train_last > 0")
     return model
