@@ -96,9 +96,9 @@ class Config(Section):
 ALTERS_TRAINING = True
 
 
-def check(run_cfg, methods=None) -> None:
-    """Meta-learning adapts a classifier head per episode: the objective must be classify."""
-    if run_cfg.objective.kind != "classify":
+def check(run_cfg, methods) -> None:
+    """Meta-learning adapts a classifier head per episode: the objective must train one, in the shared loop."""
+    if methods.objective.HEAD != "sequence-classification" or getattr(methods.objective, "OWNS_STEP", False):
         raise ValueError(f"regime.kind: meta learns N-way classification episodes; objective {run_cfg.objective.kind!r} "
                          "is not supported (use objective.kind: classify)")
 

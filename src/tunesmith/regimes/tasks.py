@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 
 from ..data.config import DataConfig
 from ..errors import DataError, TunesmithError
+from ..objectives import DEFAULT as DEFAULT_OBJECTIVE
 from ..objectives import OBJECTIVES
 from ..schema import Section
 
@@ -40,7 +41,7 @@ class TaskConfig(Section):
     """The task's name: metric keys (`<name>/accuracy`), `--task <name>` of predict and eval."""
     data: DataConfig
     """The task's data, as the top-level `data:` section of a single run (its own splits, columns, checks)."""
-    objective: _objective_union() = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
+    objective: _objective_union() = Field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].Config())
     """What is optimised on this task (`kind`: classify, ...); default classify."""
 
     @field_validator("objective", mode="before")
