@@ -39,7 +39,8 @@ from tunesmith.build import check_before_loading, load_base
 
 def run_config(tuning: str, objective: str, model_dir) -> RunConfig:
     obj = OBJECTIVES_UNDER_TEST[objective]
-    return RunConfig.model_validate({"name": f"{tuning}-{objective}", "model": str(model_dir), "data": {"train": "-"},
+    return RunConfig.model_validate({"name": f"{tuning}-{objective}", "model": str(model_dir),
+                                     "data": {"train": "-", "max_length": 64},
                                      "tuning": TUNINGS_UNDER_TEST[tuning].config, "objective": {"kind": obj.kind}})
 
 

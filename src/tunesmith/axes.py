@@ -158,6 +158,9 @@ class ObjectiveHooks(Protocol):
     """Metrics of generated answers (with directions), measured once after training on the test prompts (sft)."""
     CHAT: bool
     """True if it renders chats with a template though its head is no LM (a reward model)."""
+    UNUSED_TRAIN_SETTINGS: dict
+    """`train.` keys its own stepper does not take, each with the reason: a value other than the default is
+    refused by its `check`, and a staged config does not pass the top level's value down to its stage."""
 
     def check_model(self, cfg, model_config) -> None:
         """Combinations that cannot work, found from the model's config alone (before any weights are read)."""

@@ -12,7 +12,7 @@ import torch
 
 from . import artifacts
 from .errors import ConfigError, TunesmithError
-from .models.load import build_config, build_on_meta, load_model, resolve
+from .models.load import build_config, build_on_meta, check_architecture, load_model, resolve
 from .objectives import OBJECTIVES
 from .objectives.rewards import RewardConfig, import_function
 from .tuning import TUNINGS
@@ -66,6 +66,7 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
                           where="tuning.kind", hint=f"use tuning.kind={able[0]}" if able else None)
     resolved = resolve(cfg.model.name)
     config = build_config(cfg.model, model_kwargs, resolved)
+    check_architecture(cfg.model, config, head, cfg.data.max_length)
     if hasattr(tuning, "check_model"):
         tuning.check_model(cfg.tuning, config, head)
     if hasattr(objective, "check_model"):

@@ -157,6 +157,9 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     #    labels, the probe text, and the tuning on this architecture (from the model's config and a
     #    meta-device build: no weights read). Every process checks, so a bad input stops them all alike.
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
+    artifacts.check_output_dir(run_dir.parent)
+    if resume:
+        artifacts.check_resume(run_dir, cfg)
     tokenizer = load_tokenizer(cfg.model)
     prepared, report = prepare_data(cfg, tokenizer)
     if main:
@@ -181,7 +184,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
                             accelerator, dtype)
     except BaseException as e:
         if main:
-            artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            artifacts.fail(run_dir, e, fresh=not resume)
         raise
     finally:
         artifacts.release(lock)

@@ -28,6 +28,7 @@ from pathlib import Path
 from . import artifacts
 from .config import RunConfig, apply_override, check_run_name, read_yaml, validate
 from .errors import ConfigError, TunesmithError
+from .objectives import OBJECTIVES
 
 KINDED = ("tuning", "objective", "regime")
 STAGE_REF = "stage:"
@@ -114,6 +115,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Staged:
             raise ConfigError("a stage cannot set output: stage folders are <output.dir>/<name>/stages/<i>-<stage>",
                               where=where.where(("output",)))
         merged = merge(data, stage)
+        _drop_unused_inherited(merged, stage)
         merged["name"] = f"{i + 1}-{name}"
         merged["output"] = {"dir": str(root / "stages")}
         cfg = validate(merged, where, f"stages[{i}]")
@@ -122,6 +124,19 @@ def load(path: str | Path, overrides: list[str] = ()) -> Staged:
         stages.append(Stage(i, name, cfg, own))
         names.append(name)
     return Staged(str(data["name"]), root, stages, Path(path).read_text(encoding="utf-8"))
+
+
+def _drop_unused_inherited(merged: dict, stage: dict) -> None:
+    """Loop settings the top level sets for its other stages (eval_every for an sft stage, say) are not passed to
+    a stage whose objective does not take them; a stage that sets one itself is still refused by its check."""
+    objective = merged.get("objective")
+    kind = objective.get("kind") if isinstance(objective, dict) else objective
+    unused = getattr(OBJECTIVES.get(kind), "UNUSED_TRAIN_SETTINGS", {})
+    train, own = merged.get("train"), stage.get("train") or {}
+    if isinstance(train, dict) and isinstance(own, dict):
+        for key in unused:
+            if key not in own:
+                train.pop(key, None)
 
 
 def _check_refs(cfg: RunConfig, earlier: list[str], where, own: bool) -> None:
@@ -197,7 +212,6 @@ def headline(summary: dict) -> dict:
 
 
 def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
-    from .objectives import OBJECTIVES
     from .run import train
 
     started, root = time.perf_counter(), staged.root

@@ -138,16 +138,22 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     return Prepared(examples, {}, card, chat=chat, prompts=prompts)
 
 
+UNUSED_TRAIN_SETTINGS = {
+    "eval_every": "it measures reward and KL on held-out prompts once, before and after training",
+    "early_stopping": "it trains for train.max_steps (or train.epochs) rollout steps",
+    "precision": "its rollouts and updates run in the weights' own dtype (see model.dtype)",
+}
+
+
 def check(run_cfg, methods) -> None:
     """Settings of the shared loop that PPO's own loop does not take."""
     if run_cfg.train.grad_accum != 1:
         raise ValueError(f"train.grad_accum: {run_cfg.objective.kind} takes train.batch_size answers per step and "
                          "updates on them in objective.minibatch pieces; it does not accumulate")
-    ignored = {"eval_every": "it measures reward and KL on held-out prompts once, before and after training",
-               "early_stopping": "it trains for train.max_steps (or train.epochs) rollout steps",
-               "precision": "its rollouts and updates run in the weights' own dtype (see model.dtype)"}
-    for key, why in ignored.items():
-        if key in run_cfg.train.model_fields_set:
+    default = type(run_cfg.train)()
+    for key, why in UNUSED_TRAIN_SETTINGS.items():
+        # a value, not whether it was written: a saved run config spells out every default
+        if getattr(run_cfg.train, key) != getattr(default, key):
             raise ValueError(f"train.{key}: {run_cfg.objective.kind} does not use it ({why}); remove it")
     if methods.regime.ALTERS_TRAINING:
         raise ValueError(f"regime.kind: {run_cfg.objective.kind} trains in its own loop, which takes no replay rows or "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import ConfigError
 from ..models.anatomy import blocks, head_parameters
@@ -29,6 +29,16 @@ class Config(Section):
     """Train the task head (the new classifier, or the LM head). Turn off only with train_last > 0."""
     also_train: list[str] = []
     """Regular expressions; parameters whose names match also train (e.g. `pooler`, `norm`)."""
+
+    @field_validator("also_train")
+    @classmethod
+    def _patterns(cls, v):
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"entry {i}, {pattern!r}, is not a regular expression ({e})") from None
+        return v
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
