@@ -18,6 +18,7 @@ rows of R; `--resume` continues at the first unfinished task, from its own last 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -188,40 +189,83 @@ def _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resu
         anchors = _restore_anchors(last.dir, params, reg.penalty.weight)
         print(f"resuming after task {len(done)} of {len(tasks)} ({last.name})")
 
+    seq = _Sequence(run_dir, cfg, tasks, params, buffer, states, fresh, progress, score_all, accelerator, pad_id,
+                    resume)
     for t in tasks[len(done):]:
-        print(f"\n== task {t.index + 1}/{len(tasks)}: {t.name} ({reg.strategy()})")
-        set_seed(cfg.train.seed + t.index)
-        if reg.adapters:
-            load_trainable(model, fresh)
-        rows = list(t.examples["train"])
-        if buffer is not None and buffer.rows:
-            replay = buffer.draw(len(rows), reg.replay.fraction, t.index)
-            print(f"replay: {len(replay)} rows of {', '.join(buffer.kept)} mixed into {len(rows)} rows")
-            rows += replay
-        t.dir.mkdir(parents=True, exist_ok=True)
-        trained = fit(model=model, objective=t.objective, obj_cfg=t.cfg.objective, train_examples=rows,
-                      val_examples=t.examples.get("validation"), cfg=cfg.train, pad_id=pad_id, run_dir=t.dir,
-                      accelerator=accelerator, resume=resume, penalty=regime.Penalties(anchors) if anchors else None)
-        model = accelerator.unwrap_model(model)
-        end = trainable_state(model)
-        if reg.adapters:
-            states[t.name] = end
-        if buffer is not None:
-            buffer.add(t.name, t.index, t.examples["train"])
-        fisher = None
-        if reg.penalty.kind == "ewc":
-            fisher = task_fisher(model, params, t, reg.penalty.fisher_rows, pad_id, device)
-        anchors = regime.after_task(reg, anchors, params, fisher)
-        row = score_all(t.index)
-        print("after " + t.name + ": " + ", ".join(f"{x.name} {v:.4f}" for x, v in zip(tasks, row)))
-        # the resume point: end weights and anchors first, then the progress that names them
-        save_file(end, t.dir / "end.safetensors")
-        save_file(_anchor_state(anchors), t.dir / "penalty.safetensors")
-        R.append(row)
-        done.append(t.name)
-        progress["train"][t.name] = {k: v for k, v in trained.items() if k != "validation_history"}
-        artifacts.write_json(run_dir / PROGRESS, progress)
+        model, anchors = _train_task(seq, t, model, anchors)
 
+    return _finish_sequence(run_dir, cfg, tasks, model, tokenizer, base, progress, buffer, (trainable, total),
+                            started, params_summary)
+
+
+@dataclass
+class _Sequence:
+    """What every task of one sequence shares."""
+
+    run_dir: Path
+    cfg: RunConfig
+    tasks: list
+    params: dict
+    buffer: object
+    states: dict
+    """With adapters: each finished task's adapter, swapped in to score it."""
+    fresh: dict
+    """The trainable weights before any task (with adapters, every task's adapter starts here)."""
+    progress: dict
+    score_all: object
+    accelerator: object
+    pad_id: int
+    resume: bool
+
+
+def _train_task(seq: _Sequence, t, model, anchors):
+    """One task of the sequence: train it (with replay and the penalties so far), then store its end state,
+    score every task and record the resume point. Returns the model and the anchors for the next task."""
+    cfg, tasks, buffer, states, progress, accelerator = seq.cfg, seq.tasks, seq.buffer, seq.states, seq.progress, \
+        seq.accelerator
+    reg, pad_id, params, run_dir, resume = cfg.regime, seq.pad_id, seq.params, seq.run_dir, seq.resume
+    fresh, score_all, device = seq.fresh, seq.score_all, accelerator.device
+    print(f"\n== task {t.index + 1}/{len(tasks)}: {t.name} ({reg.strategy()})")
+    set_seed(cfg.train.seed + t.index)
+    if reg.adapters:
+        load_trainable(model, fresh)
+    rows = list(t.examples["train"])
+    if buffer is not None and buffer.rows:
+        replay = buffer.draw(len(rows), reg.replay.fraction, t.index)
+        print(f"replay: {len(replay)} rows of {', '.join(buffer.kept)} mixed into {len(rows)} rows")
+        rows += replay
+    t.dir.mkdir(parents=True, exist_ok=True)
+    trained = fit(model=model, objective=t.objective, obj_cfg=t.cfg.objective, train_examples=rows,
+                  val_examples=t.examples.get("validation"), cfg=cfg.train, pad_id=pad_id, run_dir=t.dir,
+                  accelerator=accelerator, resume=resume, penalty=regime.Penalties(anchors) if anchors else None)
+    model = accelerator.unwrap_model(model)
+    end = trainable_state(model)
+    if reg.adapters:
+        states[t.name] = end
+    if buffer is not None:
+        buffer.add(t.name, t.index, t.examples["train"])
+    fisher = None
+    if reg.penalty.kind == "ewc":
+        fisher = task_fisher(model, params, t, reg.penalty.fisher_rows, pad_id, device)
+    anchors = regime.after_task(reg, anchors, params, fisher)
+    row = score_all(t.index)
+    print("after " + t.name + ": " + ", ".join(f"{x.name} {v:.4f}" for x, v in zip(tasks, row)))
+    # the resume point: end weights and anchors first, then the progress that names them
+    save_file(end, t.dir / "end.safetensors")
+    save_file(_anchor_state(anchors), t.dir / "penalty.safetensors")
+    progress["R"].append(row)
+    progress["done"].append(t.name)
+    progress["train"][t.name] = {k: v for k, v in trained.items() if k != "validation_history"}
+    artifacts.write_json(run_dir / PROGRESS, progress)
+
+    return model, anchors
+
+
+def _finish_sequence(run_dir, cfg, tasks, model, tokenizer, base, progress, buffer, counts, started,
+                     params_summary) -> dict:
+    """The R table, average accuracy, BWT and forgetting in summary.json; the weights; the table printed."""
+    reg, R = cfg.regime, progress["R"]
+    trainable, total = counts
     names = [t.name for t in tasks]
     result = measure.summary(R, names, base)
     result.update(strategy=reg.strategy(), metric={t.name: t.metric for t in tasks},

@@ -41,6 +41,7 @@ from ..data.collate import collate
 from ..data.general import lm_examples, read_rows, texts_of
 from ..data.sources import Split
 from ..models.anatomy import head_parameters
+from ..objectives import OBJECTIVES
 from ..objectives.lm import lm_losses
 from ..schema import Section
 from .tasks import TaskConfig, check_tasks
@@ -105,8 +106,6 @@ class Config(Section):
         return self
 
     def _check_tasks(self):
-        from ..objectives import OBJECTIVES
-
         check_tasks(self.tasks, least=2)
         for i, task in enumerate(self.tasks):
             objective = OBJECTIVES[task.objective.kind]

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, field_validator
 
 from ..data.config import DataConfig
+from ..data.load import load_splits
 from ..errors import DataError, TunesmithError
 from ..objectives import DEFAULT as DEFAULT_OBJECTIVE
 from ..objectives import OBJECTIVES
@@ -77,8 +78,6 @@ def task_where(i: int, where: str | None, prefix: str = "regime.tasks") -> str:
 
 def load_task_splits(task: TaskConfig, i: int, seed: int, prefix: str = "regime.tasks") -> dict:
     """The task's train/validation/test splits (`data.load.load_splits`), every error naming the task."""
-    from ..data.load import load_splits
-
     for key in ("train", "validation", "test"):
         ref = getattr(task.data, key)
         if ref and not ref.startswith("sample:") and not Path(ref).expanduser().exists():
