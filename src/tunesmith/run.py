@@ -141,6 +141,10 @@ def print_diagnosis(diagnosis: dict, forgot: dict | None) -> None:
 def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     """Run the whole flow. Under torchrun / accelerate launch every process runs this function;
     only the main process writes to the run folder and prints."""
+    from .flows import flow_for
+
+    if (flow := flow_for(cfg)) is not None:  # a task sequence or meta-learning: several trainings in one run
+        return flow.train(cfg, resume=resume, force=force)
     started = time.perf_counter()
     objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
     run_dir = Path(cfg.output.dir) / cfg.name

@@ -47,6 +47,16 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in head if id(p) not in body_ids or _is_tied_output(inner, p)]
 
 
+def logits_layer(model: nn.Module, outputs: int) -> nn.Linear:
+    """The layer that produces a classifier's logits: the last trainable Linear with `outputs` outputs (under a
+    peft wrapper, the trainable copy of the head, not the frozen original)."""
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == outputs
+             and m.weight.requires_grad]
+    if not found:
+        raise ValueError(f"no trainable {outputs}-output linear layer (the classifier head) in {type(model).__name__}")
+    return found[-1]
+
+
 def _is_tied_output(model: nn.Module, p: nn.Parameter) -> bool:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return out is not None and getattr(out, "weight", None) is p
