@@ -181,6 +181,23 @@ class RunConfig(Section):
     output: OutputConfig = OutputConfig()
     """Where the run folder goes."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_sections(cls, data):
+        """Top-level sections another section supplies: a multitask run's `data` defaults to its first task's (for
+        the settings runs share, e.g. max_length), and a student built from its teacher's layers
+        (`objective.distill.keep_layers`) has no `model` of its own: the teacher's is the start."""
+        if not isinstance(data, dict):
+            return data
+        regime, objective = data.get("regime"), data.get("objective")
+        tasks = regime.get("tasks") if isinstance(regime, dict) else None
+        if "data" not in data and isinstance(tasks, list) and tasks and isinstance(tasks[0], dict) and "data" in tasks[0]:
+            data = {**data, "data": tasks[0]["data"]}
+        distill = objective.get("distill") if isinstance(objective, dict) else None
+        if isinstance(distill, dict) and distill.get("keep_layers") is not None and "model" not in data:
+            data = {**data, "model": {"name": distill.get("teacher")}}
+        return data
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_shorthand(cls, v):
@@ -199,6 +216,8 @@ class RunConfig(Section):
             raise ValueError(f"train.early_stopping.metric: {metric!r} is not a metric of objective "
                              f"{self.objective.kind!r} (choose from {', '.join(objective.METRICS)})")
         offered = objective.METRICS + getattr(objective, "GENERATION_METRICS", ())
+        if getattr(self.objective, "distill", None) is not None:
+            offered += ("teacher_agreement",)
         for m in self.eval.metrics or []:
             if m not in offered:
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
@@ -390,6 +409,12 @@ def validate(data: dict, src, context: str = "") -> RunConfig:
     """The raw config as a RunConfig; every failure a ConfigError naming its place (`src.where`).
     `context` names the part of the file the data came from (a stage), for our own validators' messages."""
     check_keys(data, RunConfig, src)
+    objective = data.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("distill"), dict) and \
+            objective["distill"].get("keep_layers") is not None and "model" in data:
+        raise ConfigError("the student is built from the teacher's layers (objective.distill.keep_layers), so it has "
+                          "no model of its own", where=src.where(("model",)),
+                          hint="leave model out, or drop keep_layers to distil into the model named here")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

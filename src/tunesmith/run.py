@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from transformers import set_seed
 
-from . import artifacts
+from . import artifacts, distilling
 from .config import RunConfig, dump
 from .data.checks import Report, check_card, check_rows, raise_for_errors
 from .data.load import load_splits
@@ -165,12 +165,17 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     #    labels, the probe text, and the tuning on this architecture (from the model's config and a
     #    meta-device build: no weights read). Every process checks, so a bad input stops them all alike.
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
+    cfg = distilling.student_config(cfg)
     tokenizer = load_tokenizer(cfg.model)
     prepared, report = prepare_data(cfg, tokenizer)
     if main:
         print_card(prepared.card)
         print(report.render())
     raise_for_errors(report)
+    distilling.check(cfg, tokenizer, prepared, objective.HEAD)  # a teacher's tokenizer, head and labels
+    if main:
+        distilling.build_student(cfg, objective.HEAD, prepared.model_kwargs)
+    accelerator.wait_for_everyone()
     # ppo measures its drift as KL to the reference on held-out prompts instead of the forgetting probe
     owns_step = getattr(objective, "OWNS_STEP", False)
     probe = None if owns_step else forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
@@ -187,8 +192,10 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         artifacts.write_json(run_dir / "data_card.json", prepared.card)
     accelerator.wait_for_everyone()
     try:
+        distill = distilling.settings(cfg)
+        hard = distilling.hard_label_run(cfg, run_dir, resume) if distill and distill.compare_hard_labels else None
         summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started,
-                            accelerator, dtype)
+                            accelerator, dtype, hard)
     except BaseException as e:
         if main:
             artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
@@ -197,7 +204,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
 
 
 def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, report: Report, probe,
-              resume: bool, started: float, accelerator, dtype: torch.dtype) -> dict:
+              resume: bool, started: float, accelerator, dtype: torch.dtype, hard: dict | None = None) -> dict:
     say = accelerator.print
     chat = prepared.chat
     if chat is not None and chat.template is not None:
@@ -218,6 +225,15 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
 
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+    task, teacher, cached = objective, None, None
+    if distilling.settings(cfg):  # the task's loss plus the teacher's soft targets; the teacher stays outside the model
+        from .objectives.distill import Distilled
+
+        teacher = distilling.load_teacher(cfg, objective.HEAD, accelerator.device, dtype)
+        if distilling.settings(cfg).cache:
+            cached = distilling.cache_outputs(cfg, teacher, prepared.examples["train"], eval_bs, pad_id,
+                                              accelerator.device)
+        objective = Distilled(task, teacher, distilling.settings(cfg))
     if hasattr(objective, "attach_reference"):  # the starting model, before anything trains (dpo's reference)
         objective.attach_reference(model, prepared.examples, cfg.objective, eval_bs, pad_id, accelerator)
     gen_items = generation_items(cfg, objective, prepared)
@@ -264,6 +280,12 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if probe:
         after = forgetting.measure(model, probe, pad_id, eval_bs, accelerator.device)
         forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe)
+    side = None
+    if teacher is not None and "test" in prepared.examples:
+        side = distilling.side_by_side(cfg, teacher, task, model, prepared.examples["test"], eval_bs, pad_id,
+                                       accelerator, run_dir, hard)
+        if cached:
+            side["teacher_cache"] = cached
     watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
     diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, base, results, update_size(start, model))
     del start
@@ -302,10 +324,14 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
                                  it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
         save = getattr(tuning, "save", None) or artifacts.save_weights
         summary["weights"] = save(run_dir, model, tokenizer)
+        if side is not None:
+            summary["distill"] = distilling.with_sizes(side, cfg, run_dir, summary["weights"])
         artifacts.set_status(run_dir, "completed")
         artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
         if "test" in results:
             print_comparison((base or {}).get("test"), results["test"])
+        if side is not None:
+            distilling.print_table(summary["distill"], task.MAIN_METRIC)
         print_diagnosis(diagnosis, forgot)
         print(f"\nrun saved to {run_dir}")
     return summary

@@ -16,6 +16,7 @@ from ..errors import DataError
 from ..evaluate.metrics import accuracy, macro_f1
 from ..schema import Section
 from .common import Loss, Prepared
+from .distill import DistillConfig
 
 HEAD = "sequence-classification"
 METRICS = ("accuracy", "macro_f1", "loss")
@@ -27,6 +28,9 @@ class Config(Section):
     """Classify each text into one of a fixed set of labels."""
     labels: Optional[list[str]] = None
     """Label names in class-index order; default: the labels seen in train, sorted."""
+    distill: Optional[DistillConfig] = None
+    """Also learn from a teacher's outputs (knowledge distillation, objectives/distill.py), e.g.
+    `{teacher: runs/<name>, temperature: 2.0, alpha: 0.5}`."""
 
 
 def _label_names(splits, cfg: Config) -> list[str]:
