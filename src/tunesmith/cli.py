@@ -67,13 +67,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _one_task(trained, task: str | None):
+    """A run over several tasks narrowed to `--task` (its regime's `task_view`); other runs as they are."""
+    from .regimes import REGIMES
+
+    regime = REGIMES[trained.cfg.regime.kind] if trained.cfg is not None else None
+    if hasattr(regime, "task_view"):
+        return regime.task_view(trained, task)
+    if task is not None:
+        raise TunesmithError(f"{trained.name} trained one task; --task names a task of a multitask run", where="--task")
+    return trained
+
+
 def cmd_eval(args) -> int:
     from .data.load import rename_columns
     from .data.sources import Split, read
     from .evaluate.score import evaluate
     from .trained import load_trained
 
-    trained = load_trained(args.run)
+    trained = _one_task(load_trained(args.run), args.task)
     found = read(args.data)
     if isinstance(found, dict):
         if args.split not in found:
@@ -93,7 +105,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .trained import load_trained
 
-    trained = load_trained(args.run)
+    trained = _one_task(load_trained(args.run), args.task)
     if not hasattr(trained.objective, "predict"):
         raise TunesmithError(f"{args.run} is not a classifier; predict labels texts",
                              hint=f"for language models use `tunesmith generate {args.run} \"...\"`")
@@ -231,10 +243,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="file, folder or sample:<name>")
     s.add_argument("--split", default="test", help="split to score when --data holds several (default: test)")
     s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--task", help="multitask runs: the task to score (its head and labels)")
 
     s = sub.add_parser("predict", help="run a trained model on texts (arguments, or one per line on stdin)")
     s.add_argument("run")
     s.add_argument("texts", nargs="*")
+    s.add_argument("--task", help="multitask runs: the task whose head labels the texts")
 
     def generation_flags(s, system: bool = True):
         s.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's eval.generate)")

@@ -210,6 +210,10 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check_combination(self):
+        regime = REGIMES[self.regime.kind]
+        if hasattr(regime, "check"):  # rules across sections that the regime owns (multitask: its own objective)
+            regime.check(self)
+            return self
         objective = OBJECTIVES[self.objective.kind]
         metric = self.train.early_stopping.metric
         if metric is not None and metric not in objective.METRICS:
@@ -360,7 +364,7 @@ def check_keys(data: dict, model: type[BaseModel], src: _Source, loc: tuple = ()
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f"did you mean {'.'.join(map(str, loc + (close[0],)))!r}?" if close else None
+            hint = f"did you mean {dotted_key(loc + (close[0],))!r}?" if close else None
             valid = ", ".join(fields)
             raise ConfigError(f"unknown key {key!r}; valid keys here: {valid}", where=src.where(loc + (key,)),
                               hint=hint)

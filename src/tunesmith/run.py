@@ -68,6 +68,8 @@ def prepare_data(cfg: RunConfig, tokenizer):
     Replay rows are checked and tokenized as their own split, then join train.
     """
     objective, regime = OBJECTIVES[cfg.objective.kind], REGIMES[cfg.regime.kind]
+    if hasattr(regime, "prepare"):  # a regime over several tasks reads, checks and tokenizes each task's data
+        return regime.prepare(cfg, tokenizer)
     splits = load_splits(cfg.data, cfg.train.seed)
     splits.update(regime.extra_splits(cfg.regime, len(splits["train"].rows), cfg.train.seed))
     splits, report = check_rows(splits, cfg.data.checks)
@@ -120,8 +122,12 @@ def chat_summary(chat) -> dict:
             "stop_ids": chat.stop_ids(), "system": chat.system}
 
 
-def print_card(card: dict) -> None:
-    print("data card")
+def print_card(card: dict, title: str = "data card") -> None:
+    for task, task_card in card.get("tasks", {}).items():
+        print_card(task_card, f"data card: task {task}")
+    if not any(card.get(s) for s in ("train", "validation", "test", "replay")):
+        return
+    print(title)
     for split in ("train", "validation", "test", "replay"):
         info = card.get(split)
         if not info:
@@ -172,6 +178,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         print_card(prepared.card)
         print(report.render())
     raise_for_errors(report)
+    if hasattr(REGIMES[cfg.regime.kind], "wrap_objective"):  # e.g. multitask: each task's loss on its own head
+        objective = REGIMES[cfg.regime.kind].wrap_objective(objective, cfg.regime, prepared)
     distilling.check(cfg, tokenizer, prepared, objective.HEAD)  # a teacher's tokenizer, head and labels
     if main:
         distilling.build_student(cfg, objective.HEAD, prepared.model_kwargs)
@@ -261,10 +269,11 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     start = trainable_state(model)
     penalty = REGIMES[cfg.regime.kind].make_penalty(cfg.regime, model, objective.HEAD, tokenizer, accelerator.device)
 
+    sampler = getattr(REGIMES[cfg.regime.kind], "batches", None)
     trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
                   train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),
                   cfg=cfg.train, pad_id=pad_id, run_dir=run_dir, accelerator=accelerator, resume=resume,
-                  penalty=penalty)
+                  penalty=penalty, batches=sampler(cfg.regime, prepared.examples["train"], cfg.train) if sampler else None)
     model = accelerator.unwrap_model(model)
 
     results = {}
@@ -290,8 +299,9 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, base, results, update_size(start, model))
     del start
     if cfg.eval.metrics:
-        results = {s: {k: v for k, v in m.items() if k in cfg.eval.metrics} for s, m in results.items()}
-        base = {s: {k: v for k, v in m.items() if k in cfg.eval.metrics} for s, m in base.items()} if base else base
+        keep = lambda k: k.rsplit("/", 1)[-1] in cfg.eval.metrics  # noqa: E731 (a task's metrics: `<task>/accuracy`)
+        results = {s: {k: v for k, v in m.items() if keep(k)} for s, m in results.items()}
+        base = {s: {k: v for k, v in m.items() if keep(k)} for s, m in base.items()} if base else base
 
     summary = {
         "name": cfg.name,
@@ -300,6 +310,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         "train": {k: v for k, v in trained.items() if k != "validation_history"},
         "params": params_summary(trainable, total),
         "checks": checks_summary(report),
+        **({"tasks": objective.per_task(results, base)} if hasattr(objective, "per_task") else {}),
         "forgetting": forgot,
         "diagnosis": diagnosis,
         "peak_memory_mb": artifacts.peak_memory_mb(),

@@ -5,11 +5,18 @@
   make_penalty(cfg, model, head, tokenizer, device) -> Anchor | None
                                                          a pull towards the starting weights, added to
                                                          every optimizer step's gradient
+and, for a regime over several tasks (multitask),
+  check(run_cfg)                      rules across sections, at config validation (raise ValueError)
+  prepare(run_cfg, tokenizer) -> (Prepared, Report)      every task's data read, checked and tokenized
+  wrap_objective(objective, cfg, prepared) -> objective  the loss and metrics over all tasks
+  batches(cfg, train_examples, train_cfg) -> epoch -> batches   which examples each step takes
+  task_view(trained, name) -> trained                    one task of a finished run (predict/eval --task)
 """
 
-from . import continual, single
+from . import continual, multitask, single
 
 REGIMES = {
     "single": single,
     "continual": continual,
+    "multitask": multitask,
 }

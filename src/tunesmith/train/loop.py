@@ -94,14 +94,19 @@ def _better(value: float, best: float | None, metric: str, min_delta: float) -> 
 
 
 def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: list[dict] | None, cfg,
-        pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None) -> dict:
+        pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None, batches=None) -> dict:
     """Train `model` in place; returns a summary of the training (steps, best, timings).
 
     penalty: a regime's pull towards the starting weights (`add_gradient()`, `value()`), or None.
+    batches: a regime's epoch -> batches of example indices (multitask: one task per batch, tasks drawn in
+             shares); a pure function of the epoch, so --resume rebuilds the same order. Default: shuffled,
+             grouped by length.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [len(e["input_ids"]) for e in train_examples]
-    micro_per_epoch = len(shard(train_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length), rank, world))
+    epoch_batches = batches or (lambda epoch: train_batches(lengths, cfg.batch_size, cfg.seed, epoch,
+                                                            cfg.group_by_length))
+    micro_per_epoch = len(shard(epoch_batches(0), rank, world))
     if micro_per_epoch == 0:
         raise TunesmithError(f"train has {len(lengths)} examples, fewer than one batch per process",
                              where="train.batch_size")
@@ -162,8 +167,8 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
 
     model.train()
     while state.step < total and not state.stopped_early:
-        batches = shard(train_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length), rank, world)
-        windows = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        order = shard(epoch_batches(state.epoch), rank, world)
+        windows = [order[i:i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
         for window in windows[state.window:]:
             tick = time.perf_counter()
             loss_sum, count = _step(model, objective, obj_cfg, train_examples, window, pad_id, accelerator, trainable,
