@@ -211,6 +211,8 @@ eval: {{forgetting: {{enabled: false}}}}
     assert d["hard_labels"]["params"] == d["student"]["params"] and "accuracy" in d["hard_labels"]["test"]
     assert d["teacher_cache"]["hit"] is False
     assert "teacher_agreement" in summary["test"] and "teacher_agreement" in summary["base"]["test"]
+    assert d["student"]["test"]["teacher_agreement"] == pytest.approx(summary["test"]["teacher_agreement"])
+    assert 0 <= d["hard_labels"]["test"]["teacher_agreement"] <= 1 and d["hard_labels"]["examples_per_s"] > 0
     assert "student (hard labels)" in out and "speed-up over the teacher" in out
 
     # only the student's weights are in the run: 2 blocks, none of the teacher's other blocks

@@ -59,6 +59,11 @@ def cmd_plan(args) -> int:
             cfg = stage.cfg
             if cfg.model.name.startswith(stages.STAGE_REF):
                 cfg = cfg.model_copy(update={"model": staged.stages[0].cfg.model})
+            distill = getattr(cfg.objective, "distill", None)
+            if distill is not None and distill.teacher.startswith(stages.STAGE_REF):  # not trained yet: its base
+                teacher = next(s for s in staged.stages if s.name == distill.teacher[len(stages.STAGE_REF):])
+                distill = distill.model_copy(update={"teacher": teacher.cfg.model.name})
+                cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"distill": distill})})
             print(f"=== stage {stage.index + 1}/{len(staged.stages)}: {stage.name} ({cfg.objective.kind}) ===")
             print(render(plan(cfg), cfg))
         return 0

@@ -301,10 +301,26 @@ def side_by_side(cfg, teacher, task, model, examples: list[dict], batch_size: in
     over the whole split with the same batch size, one after the other in this process."""
     from .models.params import count_parameters
 
+    from .evaluate.score import evaluate
+    from .objectives.distill import Distilled
+
     d = settings(cfg)
     t_scores, t_speed = _timed(teacher.model, task, cfg.objective, examples, batch_size, pad_id, accelerator,
                                "teacher test")
     s_scores, s_speed = _timed(model, task, cfg.objective, examples, batch_size, pad_id, accelerator, "student test")
+    with_teacher = Distilled(task, teacher, d)
+    s_scores["teacher_agreement"] = evaluate(model, with_teacher, cfg.objective, examples, batch_size, pad_id,
+                                             accelerator, "agreement")["teacher_agreement"]
+    if hard is not None:  # the hard-label student, reloaded from its run, measured the same way
+        from .trained import load_trained
+
+        twin = load_trained(run_dir / HARD).model.to(next(model.parameters()).device)
+        h_scores, h_speed = _timed(twin, task, cfg.objective, examples, batch_size, pad_id, accelerator,
+                                   "hard-label student test")
+        h_scores["teacher_agreement"] = evaluate(twin, with_teacher, cfg.objective, examples, batch_size, pad_id,
+                                                 accelerator, "agreement")["teacher_agreement"]
+        hard = {**hard, "test": h_scores, "examples_per_s": h_speed}
+        del twin
     out = {
         "teacher": {"source": d.teacher, "test": t_scores, "params": count_parameters(teacher.model)[1],
                     "size_mb": folder_mb(teacher_folder(d.teacher)), "examples_per_s": t_speed},
@@ -339,12 +355,14 @@ def print_table(report: dict, main: str) -> None:
     rows = [("teacher", report["teacher"]), ("student (distilled)", report["student"])]
     if "hard_labels" in report:
         rows.append(("student (hard labels)", report["hard_labels"]))
-    print(f"\n{'':<24}{'test ' + main:>14}{'params':>14}{'size MB':>10}{'examples/s':>12}")
+    print(f"\n{'':<24}{'test ' + main:>14}{'agreement':>11}{'params':>14}{'size MB':>10}{'examples/s':>12}")
     for name, r in rows:
-        metric = (r.get("test") or {}).get(main)
-        speed = r.get("examples_per_s")
-        print(f"{name:<24}{(f'{metric:.4f}' if metric is not None else '-'):>14}{r.get('params', 0):>14,d}"
+        test = r.get("test") or {}
+        metric, agree, speed = test.get(main), test.get("teacher_agreement"), r.get("examples_per_s")
+        print(f"{name:<24}{(f'{metric:.4f}' if metric is not None else '-'):>14}"
+              f"{(f'{agree:.4f}' if agree is not None else '-'):>11}{r.get('params', 0):>14,d}"
               f"{r.get('size_mb', 0):>10.1f}{(f'{speed:.1f}' if speed else '-'):>12}")
+    print("(agreement: share of test units where the model's top-1 prediction is the teacher's)")
     print(f"student speed-up over the teacher: x{report['speedup']:.2f}")
 
 
