@@ -319,20 +319,30 @@ def apply_override(data: dict, text: str, src: _Source) -> None:
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key")
     value = yaml.safe_load(raw) if raw.strip() else None
+    loc = tuple(int(p) if p.isdigit() else p for p in parts)  # `regime.tasks.1.data.max_length`: item 1 of a list
     node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if isinstance(child, str) and part in ("model", "tuning", "objective", "regime"):
-            # expand a shorthand (`tuning: lora`) so a nested override can land in it
-            child = {"name": child} if part == "model" else {"kind": child}
-            node[part] = child
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+    for i, part in enumerate(loc[:-1]):
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:i])} is a list of {len(node)} items; "
+                                  f"name one by its index (0 to {len(node) - 1})")
+            child = node[part]
+        else:
+            child = node.get(part)
+            if isinstance(child, str) and part in ("model", "tuning", "objective", "regime"):
+                # expand a shorthand (`tuning: lora`) so a nested override can land in it
+                child = {"name": child} if part == "model" else {"kind": child}
+                node[part] = child
+            if child is None:
+                child = node[part] = {}
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
         node = child
-    node[parts[-1]] = value
-    src.overrides[parts] = text
+    if isinstance(node, list):
+        if not isinstance(loc[-1], int) or loc[-1] >= len(node):
+            raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is a list of {len(node)} items")
+    node[loc[-1]] = value
+    src.overrides[loc] = text
 
 
 def _unwrap(annotation):

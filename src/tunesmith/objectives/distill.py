@@ -128,7 +128,9 @@ class Distilled:
         # METRICS may be a tuple of names or a {name: direction} table; agreement with the teacher is better high
         self.METRICS = {**task.METRICS, "teacher_agreement": "max"} if isinstance(task.METRICS, dict) \
             else tuple(task.METRICS) + ("teacher_agreement",)
-        self.MAIN_METRIC, self.MAIN_MODE = task.MAIN_METRIC, task.MAIN_MODE
+        self.MAIN_METRIC = task.MAIN_METRIC
+        if hasattr(task, "MAIN_MODE"):
+            self.MAIN_MODE = task.MAIN_MODE
 
     def __getattr__(self, name):  # prepare, predict, GENERATION_METRICS, ... are the task's own
         return getattr(self.task, name)

@@ -78,7 +78,7 @@ class Config(Section):
         return self
 
 
-def check(run_cfg) -> None:
+def check(run_cfg, methods=None) -> None:
     """Rules across sections, at config validation."""
     if run_cfg.objective.kind != "classify" or getattr(run_cfg.objective, "distill", None) is not None \
             or getattr(run_cfg.objective, "labels", None):
@@ -263,11 +263,12 @@ class MultiTask:
 
     def __init__(self, task_module, heads: list[TaskHead], watch: str):
         self.task, self.heads = task_module, heads
+        main = _direction(task_module, task_module.MAIN_METRIC)
         per = {f"{h.name}/{m}": _direction(task_module, m) for h in heads for m in task_module.METRICS}
-        per[MEAN] = task_module.MAIN_MODE
+        per[MEAN] = main  # a mean of main metrics is better in their direction
         self.METRICS = per if isinstance(task_module.METRICS, dict) else tuple(per)
         self.MAIN_METRIC = MEAN if watch == "mean" else f"{watch}/{task_module.MAIN_METRIC}"
-        self.MAIN_MODE = task_module.MAIN_MODE
+        self.MAIN_MODE = main
 
     def _logits(self, model, batch) -> torch.Tensor:
         """Logits with every column outside the row's task at -inf: softmax and argmax stay within its head."""
@@ -316,7 +317,12 @@ class MultiTask:
 
 
 def _direction(task_module, metric: str):
-    return task_module.METRICS[metric] if isinstance(task_module.METRICS, dict) else None
+    """"max" or "min": from a {metric: direction} table, else from the module's MAIN_MODE and loss names."""
+    if isinstance(task_module.METRICS, dict):
+        return task_module.METRICS[metric]
+    if metric == task_module.MAIN_METRIC:
+        return task_module.MAIN_MODE
+    return "min" if metric in ("loss", "perplexity") else "max"
 
 
 def wrap_objective(objective, cfg: Config, prepared):
