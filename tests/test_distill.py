@@ -227,3 +227,27 @@ eval: {{forgetting: {{enabled: false}}}}
     # a second run with the same data and teacher reads the teacher's outputs from the cache
     again = train(load_config(cfg, ["name=again", "objective.distill.compare_hard_labels=false"]))
     assert again["distill"]["teacher_cache"]["hit"] is True
+
+
+def test_causal_student_from_teacher_layers_end_to_end(in_tmp, tmp_path, instruction_dir):
+    """sft: a 1-block student from a 2-block teacher folder; the run reports both side by side, with the
+    students' top-1 agreement with the teacher over the answer tokens."""
+    teacher = make_model_dir(tmp_path / "teacher", "llama", seed=3)
+    cfg = write_config(in_tmp / "d.yaml", f"""\
+name: d
+data: {{train: {instruction_dir}, max_length: 32}}
+tuning: {{kind: full}}
+objective: {{kind: sft, distill: {{teacher: {teacher}, temperature: 1.0, alpha: 0.5, keep_layers: [1],
+            compare_hard_labels: true, chunk_tokens: 16}}}}
+train: {{max_steps: 3, batch_size: 8, lr: 3.0e-3, seed: 0}}
+eval: {{forgetting: {{enabled: false}}, generate: {{prompts: 0}}}}
+""")
+    summary = train(load_config(cfg))
+    d = summary["distill"]
+    assert d["teacher"]["params"] > d["student"]["params"]
+    for who in (d["teacher"], d["student"], d["hard_labels"]):
+        assert set(who["test"]) >= {"loss", "perplexity"}
+    assert 0 <= d["student"]["test"]["teacher_agreement"] <= 1
+    assert 0 <= d["hard_labels"]["test"]["teacher_agreement"] <= 1
+    student = json.loads((Path(summary["distill"]["student"]["source"]) / "student.json").read_text())
+    assert student["keep_layers"] == [1]
