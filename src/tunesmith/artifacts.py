@@ -9,12 +9,14 @@
   adapter/         peft adapter + tokenizer (parameter-efficient tunings), or
   model/           full weights (safetensors) + tokenizer
   summary.json     final metrics of the tuned model and of its base; written last
+  .tunesmith-run   marker: tunesmith made this folder (only such a folder is replaced by --force)
 
 A run is finished only when summary.json exists, and it is written last, by an atomic rename.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +29,10 @@ from pathlib import Path
 from .errors import TunesmithError
 
 SUMMARY, STATUS, CONFIG, MANIFEST = "summary.json", "status.json", "config.yaml", "manifest.json"
+MARKER = ".tunesmith-run"
+"""Written into every run folder tunesmith creates; --force deletes only folders that carry it."""
+LOCK = ".lock"
+"""Held (flock) by the process writing the run, so two runs of one name never share a folder."""
 
 
 def write_json(path: Path, data) -> None:
@@ -44,9 +50,34 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / SUMMARY).exists()
 
 
+def made_by_tunesmith(run_dir: Path) -> bool:
+    """The folder carries the marker tunesmith writes into every run folder it creates."""
+    return (run_dir / MARKER).is_file() and not run_dir.is_symlink()
+
+
+def _is_empty(run_dir: Path) -> bool:
+    """Nothing in it but what a claim writes first (a run that stopped before writing anything holds no run)."""
+    return not any(p.name not in (LOCK, MARKER) for p in run_dir.iterdir())
+
+
 def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to clobber an existing run unless told how (only reads; nothing is written)."""
-    if not run_dir.exists() or force:
+    """Refuse to clobber an existing run unless told how (only reads; nothing is written).
+
+    `--force` replaces only a folder tunesmith made (it holds the marker file): never a folder of the user's
+    that happens to have the run's name."""
+    if run_dir.is_dir():
+        _refuse_if_locked(run_dir)
+    _check_state(run_dir, resume=resume, force=force)
+
+
+def _check_state(run_dir: Path, *, resume: bool, force: bool) -> None:
+    if not run_dir.exists() or (run_dir.is_dir() and not run_dir.is_symlink() and _is_empty(run_dir)):
+        return
+    if not made_by_tunesmith(run_dir):
+        raise TunesmithError(f"{run_dir} exists and is not a run folder made by tunesmith (it has no {MARKER} marker); "
+                             "tunesmith neither writes into it nor deletes it, --force included",
+                             hint="give the run another name (name=...) or another output.dir, or move that folder")
+    if force:
         return
     if is_finished(run_dir):
         raise TunesmithError(f"{run_dir} already holds a finished run",
@@ -58,8 +89,85 @@ def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    """Empty a run folder tunesmith made (for --force); anything else is refused, whatever the caller checked."""
+    if not run_dir.exists():
+        return
+    if not made_by_tunesmith(run_dir):
+        raise TunesmithError(f"refusing to delete {run_dir}: it is not a run folder made by tunesmith (no {MARKER})")
+    for child in run_dir.iterdir():
+        if child.name == LOCK:
+            continue  # held by this process while it replaces the run
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _in_use(run_dir: Path, holder: str) -> TunesmithError:
+    return TunesmithError(f"{run_dir} is being written by another tunesmith process"
+                          + (f" (pid {holder})" if holder.isdigit() else ""),
+                          hint="wait for that run to end, or give this one another name (name=...)")
+
+
+def _lock(handle, tries: int = 10) -> bool:
+    """flock without waiting on a holder for long; a few retries ride out another process's brief probe."""
+    for i in range(tries):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.1 * (i + 1))
+    return False
+
+
+def _refuse_if_locked(run_dir: Path) -> None:
+    """Name the real reason first when another process is writing the run (else it looks merely unfinished)."""
+    if not (run_dir / LOCK).is_file():
+        return
+    with open(run_dir / LOCK, "a+", encoding="utf-8") as probe:
+        if not _lock(probe, tries=1):
+            probe.seek(0)
+            raise _in_use(run_dir, probe.read().strip())
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, force: bool):
+    """Create the run folder and lock it for this process; returns the lock, to `release` when the run ends.
+
+    Two runs of one name started together both pass the first look (`check_run_dir`); only the one that gets
+    the lock goes on, and it looks again under the lock, since the other may have finished a run there
+    meanwhile. --force empties the folder only now, holding the lock."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / LOCK, "a+", encoding="utf-8")
+    if not _lock(lock):
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise _in_use(run_dir, holder)
+    try:
+        _check_state(run_dir, resume=resume, force=force)
+        if force:
+            clear_run_dir(run_dir)
+        mark_run_dir(run_dir)
+    except BaseException:
+        release(lock)
+        raise
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def release(lock) -> None:
+    """Let go of a run folder's lock (closing the file releases the flock)."""
+    if lock is not None and not lock.closed:
+        lock.close()
+
+
+def mark_run_dir(run_dir: Path) -> None:
+    """Create the run folder with its marker: the proof that --force may later replace it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("a tunesmith run folder: `tunesmith train --force` may replace it\n", encoding="utf-8")
 
 
 def set_status(run_dir: Path, state: str, **extra) -> None:

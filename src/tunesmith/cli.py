@@ -15,15 +15,33 @@ from . import __version__
 from .errors import TunesmithError
 
 
+def _overrides(args) -> list[str]:
+    """The command line's config overrides; `--trust-remote-code` is one more (model.trust_remote_code=true)."""
+    return [*args.overrides, *(["model.trust_remote_code=true"] if args.trust_remote_code else [])]
+
+
+def _warn_remote_code(cfgs) -> None:
+    """Say so whenever a model's own code is allowed to run, whether the config or the command line allowed it."""
+    for cfg in cfgs:
+        if cfg.model.trust_remote_code:
+            print(f"warning: model.trust_remote_code is on: Python code shipped with {cfg.model.name} may run",
+                  file=sys.stderr)
+            return
+
+
 def cmd_train(args) -> int:
     from . import stages
     from .config import load_config
     from .run import train
 
     if stages.is_staged(args.config):
-        stages.run(stages.load(args.config, args.overrides), resume=args.resume, force=args.force)
+        staged = stages.load(args.config, _overrides(args))
+        _warn_remote_code(s.cfg for s in staged.stages)
+        stages.run(staged, resume=args.resume, force=args.force)
     else:
-        train(load_config(args.config, args.overrides), resume=args.resume, force=args.force)
+        cfg = load_config(args.config, _overrides(args))
+        _warn_remote_code([cfg])
+        train(cfg, resume=args.resume, force=args.force)
     _leave_process_group()
     return 0
 
@@ -43,7 +61,9 @@ def cmd_check(args) -> int:
     from .config import load_config
     from .run import check_data
 
-    check_data(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, _overrides(args))
+    _warn_remote_code([cfg])
+    check_data(cfg)
     return 0
 
 
@@ -54,7 +74,8 @@ def cmd_plan(args) -> int:
 
     if stages.is_staged(args.config):
         # later stages start from an earlier stage's output, which has the top-level model's architecture
-        staged = stages.load(args.config, args.overrides)
+        staged = stages.load(args.config, _overrides(args))
+        _warn_remote_code(s.cfg for s in staged.stages)
         for stage in staged.stages:
             cfg = stage.cfg
             if cfg.model.name.startswith(stages.STAGE_REF):
@@ -67,7 +88,8 @@ def cmd_plan(args) -> int:
             print(f"=== stage {stage.index + 1}/{len(staged.stages)}: {stage.name} ({cfg.objective.kind}) ===")
             print(render(plan(cfg), cfg))
         return 0
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _overrides(args))
+    _warn_remote_code([cfg])
     print(render(plan(cfg), cfg))
     return 0
 
@@ -90,7 +112,7 @@ def cmd_eval(args) -> int:
     from .evaluate.score import evaluate
     from .trained import load_trained
 
-    trained = _one_task(load_trained(args.run), args.task)
+    trained = _one_task(load_trained(args.run, trust_remote_code=args.trust_remote_code), args.task)
     found = read(args.data)
     if isinstance(found, dict):
         if args.split not in found:
@@ -110,7 +132,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .trained import load_trained
 
-    trained = _one_task(load_trained(args.run), args.task)
+    trained = _one_task(load_trained(args.run, trust_remote_code=args.trust_remote_code), args.task)
     if not hasattr(trained.objective, "predict"):
         raise TunesmithError(f"{args.run} is not a classifier; predict labels texts",
                              hint=f"for language models use `tunesmith generate {args.run} \"...\"`")
@@ -124,7 +146,7 @@ def _generator(args, head: str = "causal-lm"):
     """The model to generate with, and its generation settings with the command line's overrides."""
     from .trained import load_trained
 
-    trained = load_trained(args.run, head=head)
+    trained = load_trained(args.run, head=head, trust_remote_code=args.trust_remote_code)
     if trained.chat is None:
         raise TunesmithError(f"{args.run} is not a causal language model, so it does not generate text",
                              hint="generate, chat and compare take runs of sft or clm, or causal LM folders")
@@ -171,7 +193,7 @@ def cmd_compare(args) -> int:
     from .evaluate.compare import compare
 
     folder, scores = compare(args.base, args.run, args.data, args.split, args.prompts, args.max_new_tokens,
-                             Path(args.out) if args.out else None)
+                             Path(args.out) if args.out else None, trust_remote_code=args.trust_remote_code)
     print(f"\n{'':<14}{'base':>10}{'tuned':>10}")
     for key, tuned in scores["tuned"].items():
         print(f"{key:<14}{scores['base'][key]:>10.4f}{tuned:>10.4f}")
@@ -183,7 +205,7 @@ def cmd_export(args) -> int:
     from .export.ship import export, render
 
     report = export(args.run, args.format, quant=args.quant, out=args.out, prompts=args.prompt,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
     print(render(report))
     return 0
 
@@ -294,6 +316,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the samples")
 
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
+    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export"):
+        sub.choices[name].add_argument(
+            "--trust-remote-code", action="store_true",
+            help="allow Python code shipped with the model to run (only this flag, or model.trust_remote_code in "
+                 "the config being trained, allows it; a run folder's saved config never does)")
     return p
 
 

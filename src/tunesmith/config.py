@@ -8,6 +8,7 @@ picked by their `kind` key.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -45,7 +46,9 @@ class ModelConfig(Section):
     """Dtype of the frozen base weights: auto is float32 on CPU and for full fine-tuning, bfloat16 for a
     frozen base on a GPU that supports it."""
     trust_remote_code: bool = False
-    """Allow hub models that ship their own Python code (runs that code)."""
+    """Allow a model that ships its own Python code to run it, for this run only (same as `--trust-remote-code`;
+    a warning is printed). Commands that read a finished run folder (eval, predict, generate, chat, compare,
+    export) ignore this saved value: only their own `--trust-remote-code` flag allows the code to run."""
 
 
 class EarlyStoppingConfig(Section):
@@ -161,9 +164,23 @@ class OutputConfig(Section):
     """Parent folder of run folders; a run is written to <dir>/<name>."""
 
 
+# One path component: letters, digits and `_ . + = @ -` (spaces inside), not starting with a dot. A name with a
+# separator, `..` or an absolute path would put the run folder, and what `--force` deletes, outside output.dir.
+RUN_NAME = re.compile(r"[\w+=@-][\w .+=@-]{0,127}")
+
+
+def check_run_name(name: str) -> None:
+    """Raise ValueError unless `name` is a single safe folder name."""
+    if not RUN_NAME.fullmatch(name) or name.endswith((" ", ".")):
+        raise ValueError(f"name: {name!r} is not a usable run name: a run name is one folder name inside output.dir "
+                         "(letters, digits, `_ . + = @ -`, at most 128 characters, not starting with a dot or "
+                         "ending with a space or dot; no `/`, `\\` or `..`), e.g. name: sentiment-lora")
+
+
 class RunConfig(Section):
     name: str
-    """Run name; the run folder is <output.dir>/<name>. Defaults to the config file's name."""
+    """Run name; the run folder is <output.dir>/<name>. Defaults to the config file's name. One folder name:
+    letters, digits and `_ . + = @ -` (no `/` or `..`), so a run never writes outside output.dir."""
     model: ModelConfig
     """The base model to fine-tune."""
     data: DataConfig
@@ -197,6 +214,12 @@ class RunConfig(Section):
         if isinstance(distill, dict) and distill.get("keep_layers") is not None and "model" not in data:
             data = {**data, "model": {"name": distill.get("teacher")}}
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        check_run_name(v)
+        return v
 
     @field_validator("model", mode="before")
     @classmethod

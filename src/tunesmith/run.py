@@ -189,17 +189,15 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     probe = None if owns_step else forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
     check_before_loading(cfg, prepared.model_kwargs)
 
-    # 2. The run folder, marked as running until summary.json is written.
-    if main:
-        if force:
-            artifacts.clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.set_status(run_dir, "running")
-        (run_dir / artifacts.CONFIG).write_text(dump(cfg), encoding="utf-8")
-        artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, prepared.model_kwargs))
-        artifacts.write_json(run_dir / "data_card.json", prepared.card)
-    accelerator.wait_for_everyone()
+    # 2. The run folder, locked by this process and marked as running until summary.json is written.
+    lock = artifacts.claim_run_dir(run_dir, resume=resume, force=force) if main else None
     try:
+        if main:
+            artifacts.set_status(run_dir, "running")
+            (run_dir / artifacts.CONFIG).write_text(dump(cfg), encoding="utf-8")
+            artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, prepared.model_kwargs))
+            artifacts.write_json(run_dir / "data_card.json", prepared.card)
+        accelerator.wait_for_everyone()
         distill = distilling.settings(cfg)
         hard = distilling.hard_label_run(cfg, run_dir, resume) if distill and distill.compare_hard_labels else None
         summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started,
@@ -208,6 +206,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         if main:
             artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        artifacts.release(lock)
     return summary
 
 
@@ -361,7 +361,7 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
                              hint="run it without torchrun / accelerate launch")
     say, obj, chat = accelerator.print, cfg.objective, prepared.chat
     tokenizer.chat_template = chat.template  # saved with the weights: the tuned policy is prompted as trained
-    scorer = rewards.load(obj.reward, accelerator.device)
+    scorer = rewards.load(obj.reward, accelerator.device, cfg.model.trust_remote_code)
     pv = ppo.PolicyAndValue(model).to(accelerator.device)
     reference = ppo.make_reference(pv)
     split = "test" if prepared.examples.get("test") else "validation"

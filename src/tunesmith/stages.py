@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import artifacts
-from .config import RunConfig, apply_override, read_yaml, validate
+from .config import RunConfig, apply_override, check_run_name, read_yaml, validate
 from .errors import ConfigError, TunesmithError
 
 KINDED = ("tuning", "objective", "regime")
@@ -93,6 +93,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Staged:
         apply_override(data, text, src)
     data.setdefault("name", Path(path).stem)
     raw = data.pop("stages")
+    try:
+        check_run_name(str(data["name"]))
+    except ValueError as e:
+        raise ConfigError(str(e), where=src.where(("name",))) from None
     if not isinstance(raw, list) or not raw:
         raise ConfigError("stages must be a non-empty list of partial configs", where=src.where(("stages",)))
     root = Path((data.get("output") or {}).get("dir", "runs")) / str(data["name"])
@@ -150,7 +154,7 @@ def _check_refs(cfg: RunConfig, earlier: list[str], where, own: bool) -> None:
 # Running
 
 
-def policy_folder(run_dir: Path) -> Path:
+def policy_folder(run_dir: Path, trust_remote_code: bool = False) -> Path:
     """A plain model folder holding a finished stage's policy: its full weights, or its adapter merged."""
     from .models.load import quiet_transformers
 
@@ -164,7 +168,7 @@ def policy_folder(run_dir: Path) -> Path:
     from .export.merge import merge as fold
     from .trained import load_trained
 
-    trained = load_trained(run_dir)
+    trained = load_trained(run_dir, trust_remote_code=trust_remote_code)
     model = fold(trained.model)
     tmp = run_dir / ".merged-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -216,19 +220,12 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
     from .run import train
 
     started, root = time.perf_counter(), staged.root
-    if root.exists() and not force and not resume:
-        state = "finished" if artifacts.is_finished(root) else "unfinished"
-        raise TunesmithError(f"{root} holds a {state} staged run",
-                             hint="pass --resume to continue it (finished stages are kept), or --force to start over")
-    if root.exists() and artifacts.is_finished(root) and not force:
-        raise TunesmithError(f"{root} already holds a finished run", hint="pass --force to overwrite it")
-    if force:
-        artifacts.clear_run_dir(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "staged-config.yaml").write_text(staged.text, encoding="utf-8")
-    artifacts.set_status(root, "running")
+    artifacts.check_run_dir(root, resume=resume, force=force)
+    lock = artifacts.claim_run_dir(root, resume=resume, force=force)
     policy, runs, policies, results = None, {}, {}, []
     try:
+        (root / "staged-config.yaml").write_text(staged.text, encoding="utf-8")
+        artifacts.set_status(root, "running")
         for stage in staged.stages:
             run_dir = root / "stages" / stage.cfg.name
             print(f"\n=== stage {stage.index + 1}/{len(staged.stages)}: {stage.name} ({stage.cfg.objective.kind}) ===")
@@ -240,16 +237,19 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
                 summary = train(cfg, resume=resume and run_dir.exists())
             runs[stage.name] = run_dir
             if OBJECTIVES[stage.cfg.objective.kind].HEAD == "causal-lm":
-                policy = policies[stage.name] = policy_folder(run_dir)
+                policy = policies[stage.name] = policy_folder(run_dir, stage.cfg.model.trust_remote_code)
             results.append({"stage": stage.name, "objective": stage.cfg.objective.kind,
                             "run": str(run_dir.relative_to(root)), **headline(summary)})
+        summary = {"name": staged.name, "stages": results,
+                   "policy": str(policy.relative_to(root)) if policy else None,
+                   "wall_seconds": round(time.perf_counter() - started, 1)}
+        artifacts.set_status(root, "completed")
+        artifacts.write_json(root / artifacts.SUMMARY, summary)
     except BaseException as e:
         artifacts.set_status(root, "failed", error=f"{type(e).__name__}: {e}")
         raise
-    summary = {"name": staged.name, "stages": results, "policy": str(policy.relative_to(root)) if policy else None,
-               "wall_seconds": round(time.perf_counter() - started, 1)}
-    artifacts.set_status(root, "completed")
-    artifacts.write_json(root / artifacts.SUMMARY, summary)
+    finally:
+        artifacts.release(lock)
     print("\nstages")
     for r in results:
         tuned = ", ".join(f"{k} {v:.4f}" for k, v in (r["tuned"] or {}).items() if isinstance(v, float))

@@ -4,6 +4,7 @@ prediction and generation."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,12 +69,16 @@ def load_weights(cfg: RunConfig, weights: Path, model_kwargs: dict, pad_token_id
     if (weights / "adapter_config.json").exists():
         return load_adapter(cfg, weights, head, model_kwargs, pad_token_id)
     with quiet_transformers():
-        return head_class(head).from_pretrained(weights, dtype=torch.float32)
+        return head_class(head).from_pretrained(weights, dtype=torch.float32,
+                                                trust_remote_code=cfg.model.trust_remote_code)
 
 
-def load_trained(path: str | Path, head: str | None = None) -> Trained:
+def load_trained(path: str | Path, head: str | None = None, trust_remote_code: bool = False) -> Trained:
     """A finished run folder, a model folder or `sample:<model>`; `head` picks the head of a plain model
-    (default: the one in its config.json)."""
+    (default: the one in its config.json).
+
+    Python code shipped with a model runs only when the caller passes `trust_remote_code` (the command line of
+    this invocation): a run folder is often someone else's, so its config.yaml never turns it on."""
     from transformers import AutoTokenizer
 
     from . import artifacts
@@ -86,11 +91,16 @@ def load_trained(path: str | Path, head: str | None = None) -> Trained:
             raise TunesmithError(f"{path} is not a finished run (no {artifacts.SUMMARY})",
                                  hint="finish it with `tunesmith train CONFIG --resume`")
         cfg = RunConfig.model_validate(yaml.safe_load((path / artifacts.CONFIG).read_text()))
+        if cfg.model.trust_remote_code and not trust_remote_code:
+            print(f"note: {path / artifacts.CONFIG} says model.trust_remote_code: true; a run folder cannot allow "
+                  "a model's own code to run, so it is not: pass --trust-remote-code if you trust this model",
+                  file=sys.stderr)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})})
         objective = OBJECTIVES[cfg.objective.kind]
         kwargs = artifacts.read_json(path / artifacts.MANIFEST)["model_kwargs"]
         summary = artifacts.read_json(path / artifacts.SUMMARY)
         weights = path / summary["weights"]
-        tokenizer = AutoTokenizer.from_pretrained(weights)
+        tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=trust_remote_code)
         model = load_weights(cfg, weights, kwargs, tokenizer.pad_token_id)
         obj_cfg, data_cfg, generate = cfg.objective, cfg.data, cfg.eval.generate
         templated = bool((summary.get("chat") or {}).get("template"))
@@ -100,9 +110,16 @@ def load_trained(path: str | Path, head: str | None = None) -> Trained:
             raise TunesmithError(f"{path} is neither a run folder (config.yaml) nor a model folder (config.json)")
         cfg, head = None, head or _head_of(folder)
         objective = OBJECTIVES[HEAD_OBJECTIVES[head]]
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        with quiet_transformers():
-            model = head_class(head).from_pretrained(folder, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            with quiet_transformers():
+                model = head_class(head).from_pretrained(folder, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise TunesmithError(f"{path} ships its own Python code, which runs only when you allow it",
+                                 hint="pass --trust-remote-code if you trust this model") from None
         obj_cfg, data_cfg, generate = objective.Config(), DataConfig(train=""), GenerateConfig()
         templated = True
     if tokenizer.pad_token is None:

@@ -104,7 +104,8 @@ def _same_vocabulary(a, b) -> bool:
 
 
 def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts: int | None = None,
-            max_new_tokens: int | None = None, out: Path | None = None, batch_size: int = 8) -> tuple[Path, dict]:
+            max_new_tokens: int | None = None, out: Path | None = None, batch_size: int = 8,
+            trust_remote_code: bool = False) -> tuple[Path, dict]:
     """Generate with base and tuned model on the same prompts from `data`, score both, write the report."""
     from ..data.formats import split_format
     from ..data.load import rename_columns
@@ -114,11 +115,11 @@ def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts
     from .generation import evaluate_generation
     from .score import evaluate
 
-    tuned = load_trained(run_ref)
+    tuned = load_trained(run_ref, trust_remote_code=trust_remote_code)
     if tuned.cfg is None or tuned.chat is None or tuned.chat.template is None:
         raise TunesmithError(f"{run_ref} is not a finished run of a chat-templated causal LM (an sft run)",
                              hint="compare needs prompts and answers: train with objective: sft")
-    base = load_trained(base_ref, head="causal-lm")
+    base = load_trained(base_ref, head="causal-lm", trust_remote_code=trust_remote_code)
     if not _same_vocabulary(base.tokenizer, tuned.tokenizer):
         raise TunesmithError(f"{base_ref} and {run_ref} use different tokenizers, so they cannot be given the same "
                              "prompts", hint="compare a run with the model it was tuned from")

@@ -20,13 +20,13 @@ from . import verify
 
 
 def export(run: str | Path, fmt: str, *, quant: str = "f32", out: str | Path | None = None,
-           prompts: list[str] | None = None, max_new_tokens: int = 16) -> dict:
+           prompts: list[str] | None = None, max_new_tokens: int = 16, trust_remote_code: bool = False) -> dict:
     from ..models.load import head_class, quiet_transformers
     from ..trained import load_trained
     from .merge import is_quantized, merge, refuse_unmergeable
 
     run = Path(run)
-    trained = load_trained(run)
+    trained = load_trained(run, trust_remote_code=trust_remote_code)
     if trained.cfg is None:
         raise TunesmithError(f"{run} is a model folder, not a run", hint="export takes a run folder (runs/<name>)")
     head = trained.objective.HEAD
@@ -54,7 +54,7 @@ def export(run: str | Path, fmt: str, *, quant: str = "f32", out: str | Path | N
         with quiet_transformers():
             merged.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
-            reloaded = head_class(head).from_pretrained(folder).eval()
+            reloaded = head_class(head).from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
         report["path"] = str(folder)
         report["written"] = verify.compare(reference, verify.outputs(reloaded, tokenizer, prompts, lm, max_new_tokens))
     else:

@@ -100,7 +100,9 @@ def build_config(model_cfg, model_kwargs: dict, resolved: str):
             return AutoConfig.for_model(resolved[len("arch:"):], **kwargs)
         return AutoConfig.from_pretrained(resolved, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     except ValueError as e:
-        raise ModelError(f"cannot build the config of {model_cfg.name!r}: {e}", where="model") from None
+        hint = ("set model.trust_remote_code: true in the config, or pass --trust-remote-code, if you trust it"
+                if "trust_remote_code" in str(e) else None)
+        raise ModelError(f"cannot build the config of {model_cfg.name!r}: {e}", where="model", hint=hint) from None
     except OSError as e:
         raise ModelError(f"cannot read the model {model_cfg.name!r}: {e}", where="model.name",
                          hint=OFFLINE_HINT) from None
@@ -150,7 +152,7 @@ def build_on_meta(model_cfg, head: str, model_kwargs: dict):
     resolved = resolve(model_cfg.name)
     config = build_config(model_cfg, model_kwargs, resolved)
     with torch.device("meta"), quiet_transformers():
-        return head_class(head).from_config(config)
+        return head_class(head).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
 def load_tokenizer(model_cfg):

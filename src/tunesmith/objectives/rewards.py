@@ -60,13 +60,13 @@ def check_source(cfg) -> None:
                           hint="finish it with `tunesmith train CONFIG --resume`")
 
 
-def load(cfg, device) -> Scorer:
+def load(cfg, device, trust_remote_code: bool = False) -> Scorer:
     if cfg.function is not None:
         fn = import_function(cfg.function)
         return lambda prompts, answers: [float(x) for x in fn(last_message(prompts), answers)]
     from ..trained import load_trained
 
-    trained = load_trained(cfg.run)
+    trained = load_trained(cfg.run, trust_remote_code=trust_remote_code)
     trained.model.to(device)
     if hasattr(trained.objective, "score"):  # a reward model scores (prompt, answer) pairs itself
         return lambda prompts, answers: [float(x) for x in trained.objective.score(trained, prompts, answers,
