@@ -142,10 +142,11 @@ def print_card(card: dict, title: str = "data card") -> None:
 
 
 def print_comparison(base: dict | None, tuned: dict) -> None:
-    print(f"\n{'test':<12}{'base':>10}{'tuned':>10}")
+    width = max([12] + [len(k) + 2 for k in tuned])  # a task's metrics read `<task>/accuracy`
+    print(f"\n{'test':<{width}}{'base':>10}{'tuned':>10}")
     for key, value in tuned.items():
         b = f"{base[key]:.4f}" if base and key in base else "-"
-        print(f"{key:<12}{b:>10}{value:>10.4f}")
+        print(f"{key:<{width}}{b:>10}{value:>10.4f}")
 
 
 def print_diagnosis(diagnosis: dict, forgot: dict | None) -> None:
