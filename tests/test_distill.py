@@ -251,3 +251,36 @@ eval: {{forgetting: {{enabled: false}}, generate: {{prompts: 0}}}}
     assert 0 <= d["hard_labels"]["test"]["teacher_agreement"] <= 1
     student = json.loads((Path(summary["distill"]["student"]["source"]) / "student.json").read_text())
     assert student["keep_layers"] == [1]
+
+
+def test_staged_teacher_then_student(in_tmp, tiny_bert, sentiment_dir, capsys):
+    """The examples' shape: stage 1 trains the teacher, stage 2 builds the student from `stage:teacher`'s layers
+    (no model of its own) and distils; plan counts the staged teacher from its base."""
+    from tunesmith import stages
+    from tunesmith.cli import main
+
+    cfg = write_config(in_tmp / "st.yaml", f"""\
+name: st
+model: {tiny_bert}
+data: {{train: {sentiment_dir}, max_length: 32}}
+tuning: {{kind: full}}
+objective: {{kind: classify}}
+train: {{max_steps: 6, batch_size: 16, lr: 3.0e-3, seed: 0}}
+eval: {{forgetting: {{enabled: false}}}}
+stages:
+  - name: teacher
+  - name: student
+    objective: {{kind: classify, distill: {{teacher: "stage:teacher", keep_layers: [1]}}}}
+    train: {{max_steps: 4}}
+""")
+    assert main(["plan", str(cfg)]) == 0
+    assert "student (keep_layers [1]: 1 blocks)" in capsys.readouterr().out
+    summary = stages.run(stages.load(cfg))
+    assert [s["stage"] for s in summary["stages"]] == ["teacher", "student"]
+    student = json.loads((in_tmp / "runs" / "st" / "stages" / "2-student" / "summary.json").read_text())
+    assert student["distill"]["teacher"]["source"] == str(Path("runs") / "st" / "stages" / "1-teacher")
+    assert student["params"]["total"] == student["distill"]["student"]["params"] < student["distill"]["teacher"]["params"]
+
+    bad = write_config(in_tmp / "bad.yaml", cfg.read_text().replace('"stage:teacher"', '"stage:nope"'))
+    with pytest.raises(ConfigError, match="'stage:nope' names no earlier stage"):
+        stages.load(bad)
