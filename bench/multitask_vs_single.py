@@ -28,13 +28,14 @@ from tunesmith.distilling import folder_mb  # noqa: E402
 from tunesmith.models.load import load_tokenizer  # noqa: E402
 from tunesmith.regimes import multitask  # noqa: E402
 from tunesmith.run import train  # noqa: E402
+from tunesmith.train.batches import train_batches  # noqa: E402
 
 
 def steps_per_task(cfg, steps: int) -> dict[str, int]:
     """Optimizer steps each task got in the first `steps` steps of the run's schedule."""
     prepared, _ = multitask.prepare(cfg, load_tokenizer(cfg.model))
     examples = prepared.examples["train"]
-    make = multitask.batches(cfg.regime, examples, cfg.train)
+    make = multitask.batches(cfg.regime, examples, cfg.train, train_batches)
     taken: Counter = Counter()
     epoch, done = 0, 0
     while done < steps:

@@ -21,6 +21,7 @@ from tunesmith.data.checks import DataCheckError
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.regimes import multitask
 from tunesmith.run import train
+from tunesmith.train.batches import train_batches
 
 TOPICS = ["movie", "plot", "actor"]
 
@@ -69,7 +70,7 @@ eval: {{forgetting: {{enabled: false}}}}
 def _schedule(sampling: str, epoch: int = 0, seed: int = 0, temperature: float = 2.0):
     cfg = multitask.Config.model_construct(sampling=sampling, temperature=temperature)
     task_ids = [0] * 100 + [1] * 30 + [2] * 10
-    batches = multitask.schedule(task_ids, [5] * len(task_ids), cfg, 10, seed, epoch)
+    batches = multitask.schedule(task_ids, [5] * len(task_ids), cfg, 10, seed, epoch, within=train_batches)
     tasks = []
     for b in batches:
         assert len({task_ids[i] for i in b}) == 1, "a batch mixes tasks"

@@ -39,6 +39,7 @@ from .objectives import OBJECTIVES
 from .objectives.lm import check_packing
 from .regimes import REGIMES
 from .train.checkpoint import trainable_state
+from .train.batches import train_batches
 from .train.loop import fit
 from .tuning import TUNINGS
 from .tuning.common import check_before_loading, enable_gradient_checkpointing, load_base
@@ -274,7 +275,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
                   train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),
                   cfg=cfg.train, pad_id=pad_id, run_dir=run_dir, accelerator=accelerator, resume=resume,
-                  penalty=penalty, batches=sampler(cfg.regime, prepared.examples["train"], cfg.train) if sampler else None)
+                  penalty=penalty,
+                  batches=sampler(cfg.regime, prepared.examples["train"], cfg.train, train_batches) if sampler else None)
     model = accelerator.unwrap_model(model)
 
     results = {}

@@ -9,7 +9,7 @@ and, for a regime over several tasks (multitask),
   check(run_cfg)                      rules across sections, at config validation (raise ValueError)
   prepare(run_cfg, tokenizer) -> (Prepared, Report)      every task's data read, checked and tokenized
   wrap_objective(objective, cfg, prepared) -> objective  the loss and metrics over all tasks
-  batches(cfg, train_examples, train_cfg) -> epoch -> batches   which examples each step takes
+  batches(cfg, train_examples, train_cfg, within) -> epoch -> batches   which examples each step takes
   task_view(trained, name) -> trained                    one task of a finished run (predict/eval --task)
 """
 

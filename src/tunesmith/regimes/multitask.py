@@ -208,10 +208,11 @@ def counts(total: int, p: list[float]) -> list[int]:
 
 
 def schedule(task_ids: list[int], lengths: list[int], cfg: Config, batch_size: int, seed: int, epoch: int,
-             group_by_length: bool = True) -> list[list[int]]:
-    """One epoch's batches of example indices, each from one task, tasks drawn in the configured shares."""
-    from ..train.batches import train_batches
+             group_by_length: bool = True, *, within) -> list[list[int]]:
+    """One epoch's batches of example indices, each from one task, tasks drawn in the configured shares.
 
+    within(lengths, batch_size, seed, epoch, group_by_length) -> batches: how one task's rows are batched (the
+    loop's own shuffled, length-grouped batching, `train.batches.train_batches`, passed in by the run layer)."""
     n_tasks = max(task_ids) + 1
     members = [[i for i, t in enumerate(task_ids) if t == k] for k in range(n_tasks)]
     own = [-(-len(m) // batch_size) for m in members]  # each task's batches per pass over its rows
@@ -223,20 +224,20 @@ def schedule(task_ids: list[int], lengths: list[int], cfg: Config, batch_size: i
     for k, rows in enumerate(members):
         stream, rounds = [], 0
         while len(stream) < wanted[k]:  # a task drawn more often than it has batches goes round again, reshuffled
-            local = train_batches([lengths[i] for i in rows], batch_size, seed + 7919 * (k + 1),
-                                  epoch * 1000 + rounds, group_by_length)
+            local = within([lengths[i] for i in rows], batch_size, seed + 7919 * (k + 1), epoch * 1000 + rounds,
+                           group_by_length)
             stream += [[rows[j] for j in b] for b in local]
             rounds += 1
         streams.append(iter(stream))
     return [next(streams[k]) for k in order]
 
 
-def batches(cfg: Config, examples: list[dict], train_cfg):
-    """The loop's batch maker for this regime: epoch -> batches."""
+def batches(cfg: Config, examples: list[dict], train_cfg, within):
+    """The loop's batch maker for this regime: epoch -> batches (`within`: see `schedule`)."""
     task_ids = [ex["task"] for ex in examples]
     lengths = [len(ex["input_ids"]) for ex in examples]
     return lambda epoch: schedule(task_ids, lengths, cfg, train_cfg.batch_size, train_cfg.seed, epoch,
-                                  train_cfg.group_by_length)
+                                  train_cfg.group_by_length, within=within)
 
 
 # ---------------------------------------------------------------------------------------------
