@@ -61,8 +61,13 @@ def main(argv: list[str]) -> None:
     run_dir = Path(cfg.output.dir) / cfg.name
     summary = artifacts.read_json(run_dir / artifacts.SUMMARY) if artifacts.is_finished(run_dir) else train(cfg)
     steps = steps_per_task(cfg, summary["train"]["steps"])
+    print(f"steps per task in the multitask run ({summary['train']['steps']} in all): {steps}")
     rows = []
     for task in cfg.regime.tasks:
+        if steps[task.name] == 0:  # a very short run may never draw a task
+            rows.append({"task": task.name, "steps": 0, "multitask": summary["tasks"][task.name]["test"]["accuracy"],
+                         "single": float("nan"), "single_steps_taken": 0, "single_mb": 0.0})
+            continue
         name = f"{cfg.name}-single-{task.name}"
         single = cfg.model_copy(update={
             "name": name, "data": task.data, "objective": task.objective,
