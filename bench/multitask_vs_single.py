@@ -28,7 +28,7 @@ from tunesmith.distilling import folder_mb  # noqa: E402
 from tunesmith.models.load import load_tokenizer  # noqa: E402
 from tunesmith.regimes import multitask  # noqa: E402
 from tunesmith.run import train  # noqa: E402
-from tunesmith.train.batches import train_batches  # noqa: E402
+from tunesmith.data.batches import train_batches  # noqa: E402
 
 
 def steps_per_task(cfg, steps: int) -> dict[str, int]:

@@ -18,7 +18,7 @@ from tiny import write_config
 def test_two_processes_match_one_process_with_accumulation(in_tmp, tiny_bert, sentiment_dir):
     cfg = write_config(in_tmp / "c.yaml", f"""\
 model: {{name: {tiny_bert}, config: {{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}}}
-data: {{train: {sentiment_dir}}}
+data: {{train: {sentiment_dir}, max_length: 64}}
 eval: {{forgetting: {{enabled: false}}}}
 tuning: {{kind: full}}
 train: {{epochs: 2, batch_size: 8, lr: 3.0e-3, eval_every: 12, log_every: 4, early_stopping: {{enabled: false}}}}

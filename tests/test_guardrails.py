@@ -257,9 +257,9 @@ def test_flat_loss_that_rose_first_asks_for_a_lower_learning_rate():
     cfg = SimpleNamespace(train=SimpleNamespace(lr=1e-3, epochs=1, max_steps=40))
     rose = [{"step": 5, "loss": 4.14}, {"step": 15, "loss": 4.70}, {"step": 40, "loss": 4.27}]
     calm = [{"step": 5, "loss": 4.14}, {"step": 15, "loss": 4.10}, {"step": 40, "loss": 4.05}]
-    found = _underfitting(rose, [], {}, cfg, "loss", None, {}, None, overfit=False)
+    found = _underfitting(rose, [], {}, cfg, "loss", "min", None, {}, None, overfit=False)
     assert "lower train.lr (now 0.001; try 0.0001)" in found[0]["suggestion"] and "step 15" in found[0]["finding"]
-    found = _underfitting(calm, [], {}, cfg, "loss", None, {}, None, overfit=False)
+    found = _underfitting(calm, [], {}, cfg, "loss", "min", None, {}, None, overfit=False)
     assert "raise train.lr (now 0.001; try 0.01)" in found[0]["suggestion"]
 
 
@@ -276,12 +276,12 @@ def test_flat_loss_reads_a_short_last_log_with_the_one_before():
     windows = _even_windows(logs)
     assert [w["step"] for w in windows] == [10, 20, 32]
     assert abs(windows[-1]["loss"] - (1.6296 * 10 + 2.0579 * 2) / 12) < 1e-9
-    found = _underfitting(logs, [], {}, cfg, "loss", None, {}, None, overfit=False)
+    found = _underfitting(logs, [], {}, cfg, "loss", "min", None, {}, None, overfit=False)
     assert "over steps 21-32" in found[0]["finding"] and "after rising" not in found[0]["finding"]
     assert "raise train.lr" in found[0]["suggestion"]
     # the same flat training loss with validation loss 6.7% below the base model's: the run learned
     base = {"validation": {"loss": 1.4987}}
-    found = _underfitting(logs, [], {}, cfg, "loss", base, {"validation": {"loss": 1.3985}}, None, overfit=False)
+    found = _underfitting(logs, [], {}, cfg, "loss", "min", base, {"validation": {"loss": 1.3985}}, None, overfit=False)
     assert not any("barely moved" in f["finding"] for f in found)
-    found = _underfitting(logs, [], {}, cfg, "loss", base, {"validation": {"loss": 1.47}}, None, overfit=False)
+    found = _underfitting(logs, [], {}, cfg, "loss", "min", base, {"validation": {"loss": 1.47}}, None, overfit=False)
     assert "barely moved" in found[0]["finding"]

@@ -1,4 +1,5 @@
-"""Training invariants, for every objective, as one table: a new objective is one CASES entry.
+"""Training invariants, for every objective, from the one test table (tests/table.py): a new objective is
+one OBJECTIVES_UNDER_TEST row there, whose `runs` feed the cases here.
 
   accumulation  k micro-batches of uneven length give the same update as one batch k times larger
                 (examples weigh equally for classify, target tokens for sequence objectives, pairs for
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -18,9 +20,10 @@ from typing import Callable
 import pytest
 import torch
 
+from table import OBJECTIVES_UNDER_TEST
+from tiny import write_jsonl
 from tunesmith.cli import main
-from tiny import (NO_PROBE, classify_config, clm_config, instruction_rows, patterned_rows, preference_config,
-                  preference_rows, sentiment_rows, with_eval, write_config, write_jsonl)
+from tunesmith.objectives import OBJECTIVES
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Case:
     model: str
     """Name of the tiny-model fixture."""
     head_class: str
+    num_labels: int
+    """Outputs of a classifier head (0: a language model's head)."""
     examples: Callable[[random.Random], list[dict]]
     """Twelve tokenized examples of uneven length, as the objective's `prepare` makes them."""
     rows: Callable[[int, int], list[dict]]
@@ -39,67 +44,11 @@ class Case:
     """The loss units of the examples: examples or pairs (len), or target tokens."""
 
 
-def _ids(rng, lo=2, hi=14):
-    return [rng.randrange(6, 60) for _ in range(rng.randint(lo, hi))]
-
-
-def _targets(examples) -> int:
-    """Target tokens: labels that are not IGNORE_INDEX, past the first position (nothing predicts it)."""
-    return sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
-
-
-def _masked(rng, ids):
-    """sft-style labels: a prompt of 1-4 tokens masked, the rest targets."""
-    k = min(len(ids) - 1, rng.randint(1, 4))
-    return [-100] * k + ids[k:]
-
-
-def _pairs(rng, labels: bool, ref: bool):
-    out = []
-    for _ in range(12):
-        c, r = _ids(rng), _ids(rng)
-        e = {"input_ids": c, "rejected_input_ids": r}
-        if labels:
-            e.update(labels=_masked(rng, c), rejected_labels=_masked(rng, r))
-        if ref:  # precomputed reference log-probs: the bare model has no adapter to switch off
-            e.update(ref_chosen_logps=-rng.uniform(5, 40), ref_rejected_logps=-rng.uniform(5, 40))
-        out.append(e)
-    return out
-
-
-def _sft_config(path, model, data, tuning="{kind: full}", extra=""):
-    text = f"""\
-name: tiny
-model: {model}
-data: {{train: {data}, max_length: 32}}
-tuning: {tuning}
-objective: {{kind: sft}}
-train: {{epochs: 3, batch_size: 8, lr: 3.0e-3, eval_every: 8, log_every: 4, seed: 0}}
-{with_eval(extra, NO_PROBE + ", generate: {max_new_tokens: 4, prompts: 8}")}"""
-    return write_config(path, text)
-
-
-def _preference_config(objective):
-    return lambda path, model, data, tuning="{kind: full}", extra="": preference_config(
-        path, model, data, tuning, objective, extra,
-        train="{epochs: 3, batch_size: 8, lr: 3.0e-3, eval_every: 8, log_every: 4, seed: 0}")
-
-
-CASES = [
-    Case("classify", "tiny_bert", "AutoModelForSequenceClassification",
-         lambda rng: [{"input_ids": [2, *_ids(rng), 3], "labels": rng.randrange(2)} for _ in range(12)],
-         sentiment_rows, classify_config),
-    Case("clm", "tiny_llama", "AutoModelForCausalLM",
-         lambda rng: [{"input_ids": x, "labels": list(x)} for x in (_ids(rng) for _ in range(12))],
-         patterned_rows, clm_config, _targets),
-    Case("sft", "tiny_llama", "AutoModelForCausalLM",
-         lambda rng: [{"input_ids": x, "labels": _masked(rng, x)} for x in (_ids(rng) for _ in range(12))],
-         instruction_rows, _sft_config, _targets),
-    Case("reward", "tiny_llama", "AutoModelForSequenceClassification",
-         lambda rng: _pairs(rng, labels=False, ref=False), preference_rows, _preference_config("{kind: reward}")),
-    Case("dpo", "tiny_llama", "AutoModelForCausalLM",
-         lambda rng: _pairs(rng, labels=True, ref=True), preference_rows, _preference_config("{kind: dpo, beta: 0.5}")),
-]
+HEAD_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+# One row per objective in tests/table.py; the rows that carry `runs` are the cases here.
+CASES = [Case(row.kind, row.model, HEAD_CLASSES[OBJECTIVES[row.kind].HEAD],
+              row.kwargs.get("num_labels", 0), *dataclasses.astuple(row.runs))
+         for row in OBJECTIVES_UNDER_TEST.values() if row.runs is not None]
 IDS = [c.objective for c in CASES]
 
 
@@ -108,7 +57,7 @@ def _model(case, request):
 
     path = request.getfixturevalue(case.model)  # first: building the fixture draws random numbers
     torch.manual_seed(0)
-    kwargs = {"classify": {"num_labels": 2}, "reward": {"num_labels": 1}}.get(case.objective, {})
+    kwargs = {"num_labels": case.num_labels} if case.num_labels else {}
     model = getattr(transformers, case.head_class).from_pretrained(path, **kwargs)
     model.eval()  # no dropout: the two ways must compute the same function
     return model

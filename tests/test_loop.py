@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.train.batches import eval_batches, shard, train_batches
+from tunesmith.data.batches import eval_batches, shard, train_batches
 from tunesmith.train.schedule import lr_lambda, warmup_steps
 
 

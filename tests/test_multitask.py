@@ -21,7 +21,7 @@ from tunesmith.data.checks import DataCheckError
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.regimes import multitask
 from tunesmith.run import train
-from tunesmith.train.batches import train_batches
+from tunesmith.data.batches import train_batches
 
 TOPICS = ["movie", "plot", "actor"]
 

@@ -92,7 +92,7 @@ def test_plan_count_equals_the_count_of_the_loaded_model(kind, tiny_llama, tmp_p
 
     from tunesmith.models.params import count_parameters
     from tunesmith.tuning import TUNINGS
-    from tunesmith.tuning.common import load_base
+    from tunesmith.build import load_base
 
     (tmp_path / "c.yaml").write_text(f"name: p\nmodel: {tiny_llama}\ndata: {{train: x}}\n"
                                      f"tuning: {{kind: {kind}}}\nobjective: {{kind: clm}}\n")

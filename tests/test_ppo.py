@@ -201,7 +201,7 @@ def test_a_classifier_run_rewards_with_the_probability_of_its_label(in_tmp, tiny
     from tiny import classify_config
     from tunesmith.config import load_config
     from tunesmith.errors import ConfigError
-    from tunesmith.objectives import rewards
+    from tunesmith import scorers as rewards
     from tunesmith.objectives.ppo import RewardConfig
     from tunesmith.run import train
     from tunesmith.trained import load_trained
@@ -231,3 +231,16 @@ def test_ppo_refuses_gradient_accumulation(in_tmp, tiny_llama, sentiment_dir):
 
     with pytest.raises(ConfigError, match="train.grad_accum: ppo"):
         load_config(ppo_config(in_tmp / "p.yaml", tiny_llama, sentiment_dir), ["train.grad_accum=2"])
+
+
+@pytest.mark.parametrize("override", ["train.eval_every=4", "train.early_stopping.patience=2", "train.precision=bf16",
+                                      "regime.kind=continual"])
+def test_ppo_refuses_settings_its_loop_does_not_take(override, in_tmp, tiny_llama, sentiment_dir):
+    """Refused at the config check, not silently ignored."""
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    key = override.split("=")[0].rsplit(".", 1)[0] if "early_stopping" in override else override.split("=")[0]
+    overrides = [override] + (["regime.penalty.kind=l2sp"] if "regime" in override else [])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(ppo_config(in_tmp / "p.yaml", tiny_llama, sentiment_dir), overrides)

@@ -99,10 +99,10 @@ def test_reward_needs_a_sequence_classification_class():
     from transformers import ViTConfig
 
     from tunesmith.errors import ConfigError
-    from tunesmith.objectives.reward import Config, check
+    from tunesmith.objectives.reward import Config, check_model
 
     with pytest.raises(ConfigError, match="no sequence-classification class"):
-        check(Config(), ViTConfig())
+        check_model(Config(), ViTConfig())
 
 
 def test_reward_run_learns_the_preference_and_scores_through_load_trained(tiny_llama, preference_dir, in_tmp):
@@ -197,7 +197,7 @@ def _tuned_llama(path, tuning: dict):
 
     from tunesmith.config import RunConfig
     from tunesmith.tuning import TUNINGS
-    from tunesmith.tuning.common import load_base
+    from tunesmith.build import load_base
 
     cfg = RunConfig.model_validate({"name": "t", "model": str(path), "data": {"train": "-"}, "tuning": tuning,
                                     "objective": {"kind": "dpo"}})

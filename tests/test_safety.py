@@ -43,6 +43,12 @@ def test_force_never_deletes_a_folder_tunesmith_did_not_make(in_tmp, tiny_bert, 
         artifacts.clear_run_dir(mine)
 
 
+def test_force_on_a_new_name_just_trains(in_tmp, tiny_bert, sentiment_dir):
+    cfg = classify_config(in_tmp / "run.yaml", tiny_bert, sentiment_dir)
+    assert main(["train", str(cfg), "--force", "train.max_steps=2", "eval.compare_base=false"]) == 0
+    assert (in_tmp / "runs" / "tiny" / "summary.json").exists()
+
+
 def test_force_replaces_only_its_own_run_folder(in_tmp, tiny_bert, sentiment_dir):
     sibling = in_tmp / "runs" / "other"
     sibling.mkdir(parents=True)

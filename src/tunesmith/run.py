@@ -18,14 +18,19 @@ leaves a folder that looks like a run.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 from transformers import set_seed
 
-from . import artifacts, distilling
+from . import artifacts, distilling, scorers
+from .axes import metric_directions
+from .build import check_before_loading, enable_gradient_checkpointing, load_base, precision_and_dtype
 from .config import RunConfig, dump
+from .data.batches import train_batches
 from .data.checks import Report, check_card, check_rows, raise_for_errors
 from .data.load import load_splits
 from .evaluate import forgetting
@@ -36,30 +41,14 @@ from .evaluate.score import evaluate
 from .models.load import load_tokenizer
 from .models.params import count_parameters, format_parameters
 from .objectives import OBJECTIVES
+from .objectives.distill import Distilled
 from .objectives.lm import check_packing
 from .regimes import REGIMES
+from .errors import TunesmithError
+from .train import ppo
 from .train.checkpoint import trainable_state
-from .train.batches import train_batches
 from .train.loop import fit
 from .tuning import TUNINGS
-from .tuning.common import check_before_loading, enable_gradient_checkpointing, load_base
-
-
-def precision_and_dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
-    """accelerate's mixed-precision mode and the dtype of the base weights.
-
-    CPUs here have no bf16 units (bf16 runs 20-30x slower), so auto means fp32 on CPU and bf16
-    autocast on a GPU that supports it; a frozen base can then also be stored in bf16.
-    """
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    mode = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(cfg.train.precision, "bf16" if gpu_bf16 else "no")
-    if cfg.model.dtype != "auto":
-        dtype = getattr(torch, cfg.model.dtype)
-    elif gpu_bf16 and cfg.tuning.kind not in ("full", "freeze"):
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float32
-    return mode, dtype
 
 
 def prepare_data(cfg: RunConfig, tokenizer):
@@ -173,19 +162,17 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     #    labels, the probe text, and the tuning on this architecture (from the model's config and a
     #    meta-device build: no weights read). Every process checks, so a bad input stops them all alike.
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
-    cfg = distilling.student_config(cfg)
+    artifacts.check_output_dir(run_dir.parent)
+    cfg = distilling.student_config(cfg)  # keep_layers: the student's folder, built below from the teacher
+    if resume:
+        artifacts.check_resume(run_dir, cfg)
     tokenizer = load_tokenizer(cfg.model)
     prepared, report = prepare_data(cfg, tokenizer)
     if main:
         print_card(prepared.card)
         print(report.render())
     raise_for_errors(report)
-    if hasattr(REGIMES[cfg.regime.kind], "wrap_objective"):  # e.g. multitask: each task's loss on its own head
-        objective = REGIMES[cfg.regime.kind].wrap_objective(objective, cfg.regime, prepared)
-    distilling.check(cfg, tokenizer, prepared, objective.HEAD)  # a teacher's tokenizer, head and labels
-    if main:
-        distilling.build_student(cfg, objective.HEAD, prepared.model_kwargs)
-    accelerator.wait_for_everyone()
+    objective = run_objective(cfg, objective, tokenizer, prepared, accelerator)
     # ppo measures its drift as KL to the reference on held-out prompts instead of the forgetting probe
     owns_step = getattr(objective, "OWNS_STEP", False)
     probe = None if owns_step else forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
@@ -206,119 +193,227 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
                             accelerator, dtype, hard)
     except BaseException as e:
         if main:
-            artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            artifacts.fail(run_dir, e, fresh=not resume)
         raise
     finally:
         artifacts.release(lock)
     return summary
 
 
+def run_objective(cfg: RunConfig, objective, tokenizer, prepared, accelerator):
+    """The objective this run trains: the regime's over its tasks (multitask: each task on its own head), checked
+    against a teacher's tokenizer, head and labels; a student built from its teacher's layers is written here,
+    once, so the checks before loading read its config."""
+    regime = REGIMES[cfg.regime.kind]
+    if hasattr(regime, "wrap_objective"):
+        objective = regime.wrap_objective(objective, cfg.regime, prepared)
+    distilling.check(cfg, tokenizer, prepared, objective.HEAD)
+    if accelerator.is_main_process:
+        distilling.build_student(cfg, objective.HEAD, prepared.model_kwargs)
+    accelerator.wait_for_everyone()
+    return objective
+
+
+def epoch_batches(cfg: RunConfig, prepared):
+    """The regime's batching of train (multitask: one task per batch, in shares), or None for the loop's own."""
+    sampler = getattr(REGIMES[cfg.regime.kind], "batches", None)
+    return sampler(cfg.regime, prepared.examples["train"], cfg.train, train_batches) if sampler else None
+
+
+@dataclass
+class Flow:
+    """What the steps of one run share: its inputs, decided before the run folder existed."""
+
+    run_dir: Path
+    cfg: RunConfig
+    objective: object
+    tuning: object
+    tokenizer: object
+    prepared: object
+    report: Report
+    probe: object
+    resume: bool
+    started: float
+    accelerator: object
+    hard: dict | None = None
+    """`distill.compare_hard_labels`: the same student trained on the labels alone, for the table."""
+
+    @property
+    def say(self):
+        return self.accelerator.print
+
+    @property
+    def eval_bs(self) -> int:
+        return self.cfg.train.eval_batch_size or 2 * self.cfg.train.batch_size
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, report: Report, probe,
               resume: bool, started: float, accelerator, dtype: torch.dtype, hard: dict | None = None) -> dict:
-    say = accelerator.print
-    chat = prepared.chat
+    """model -> base scores -> train -> tuned scores -> diagnosis -> summary and weights."""
+    flow = Flow(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started, accelerator,
+                hard)
+    model, counts = build_model(flow, dtype)
+    if getattr(objective, "OWNS_STEP", False):
+        return _train_ppo(run_dir, cfg, tuning, tokenizer, prepared, report, model, resume, started, accelerator,
+                          counts)
+    task, (teacher, cached) = objective, with_teacher(flow, dtype)
+    objective = flow.objective
+    gen_items = generation_items(cfg, objective, prepared)
+    base, base_answers, gen_seconds = score_base(flow, model, gen_items)
+    # The model holds its starting weights here (a resumed run loads its checkpoint inside fit).
+    probe_before = forgetting.measure(model, probe, tokenizer.pad_token_id, flow.eval_bs, accelerator.device) \
+        if probe else None
+    start = trainable_state(model)
+    penalty = REGIMES[cfg.regime.kind].make_penalty(cfg.regime, model, objective.HEAD, tokenizer, accelerator.device)
+    trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
+                  train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),
+                  cfg=cfg.train, pad_id=tokenizer.pad_token_id, run_dir=run_dir, accelerator=accelerator,
+                  resume=resume, penalty=penalty, batches=epoch_batches(cfg, prepared))
+    model = accelerator.unwrap_model(model)
+    results, answers, gen_seconds["tuned"] = score_tuned(flow, model, gen_items)
+    if gen_seconds["tuned"] is None:
+        del gen_seconds["tuned"]
+    forgot = None
+    if probe:
+        after = forgetting.measure(model, probe, tokenizer.pad_token_id, flow.eval_bs, accelerator.device)
+        forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe)
+    side = teacher_and_student(flow, teacher, task, model, cached)
+    watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
+    diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, objective.METRICS[watch], base, results,
+                         update_size(start, model))
+    del start
+    results, base = reported(cfg, results, base)
+    summary = run_summary(flow, trained, counts, results, base, forgot, diagnosis)
+    save_run(flow, model, summary, (gen_items, base_answers, answers, gen_seconds), (base, results), side)
+    return summary
+
+
+def with_teacher(flow: Flow, dtype: torch.dtype):
+    """`objective.distill`: the teacher loaded (outside the model: never trained, never saved) and the run's
+    objective made the task's loss plus its soft targets; (teacher, cached outputs' facts), or (None, None)."""
+    cfg, acc = flow.cfg, flow.accelerator
+    settings = distilling.settings(cfg)
+    if settings is None:
+        return None, None
+    teacher = distilling.load_teacher(cfg, flow.objective.HEAD, acc.device, dtype)
+    cached = distilling.cache_outputs(cfg, teacher, flow.prepared.examples["train"], flow.eval_bs,
+                                      flow.tokenizer.pad_token_id, acc.device) if settings.cache else None
+    flow.objective = Distilled(flow.objective, teacher, settings)
+    return teacher, cached
+
+
+def teacher_and_student(flow: Flow, teacher, task, model, cached) -> dict | None:
+    """Teacher, student (and the hard-label student) side by side on test, measured in this run."""
+    if teacher is None or "test" not in flow.prepared.examples:
+        return None
+    side = distilling.side_by_side(flow.cfg, teacher, task, model, flow.prepared.examples["test"], flow.eval_bs,
+                                   flow.tokenizer.pad_token_id, flow.accelerator, flow.run_dir, flow.hard)
+    if cached:
+        side["teacher_cache"] = cached
+    return side
+
+
+def build_model(flow: Flow, dtype: torch.dtype):
+    """The base loaded as the tuning needs it, the tuning applied, on the device: (model, (trainable, total))."""
+    cfg, objective, tokenizer, chat = flow.cfg, flow.objective, flow.tokenizer, flow.prepared.chat
     if chat is not None and chat.template is not None:
         tokenizer.chat_template = chat.template  # saved with the weights: inference renders as training did
     set_seed(cfg.train.seed)
-    model = load_base(cfg, objective.HEAD, prepared.model_kwargs, dtype, tokenizer.pad_token_id)
-    model = tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
+    model = load_base(cfg, objective.HEAD, flow.prepared.model_kwargs, dtype, tokenizer.pad_token_id)
+    model = flow.tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
-    say(format_parameters(trainable, total))
-    model.to(accelerator.device)
+    flow.say(format_parameters(trainable, total))
+    model.to(flow.accelerator.device)
     if getattr(cfg.objective, "pack", False):
         check_packing(model)  # before any training: fail if attention would cross packed examples
-    if getattr(objective, "OWNS_STEP", False):
-        return _train_ppo(run_dir, cfg, tuning, tokenizer, prepared, report, model, resume, started, accelerator,
-                          (trainable, total))
+    return model, (trainable, total)
 
-    pad_id = tokenizer.pad_token_id
-    eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    task, teacher, cached = objective, None, None
-    if distilling.settings(cfg):  # the task's loss plus the teacher's soft targets; the teacher stays outside the model
-        from .objectives.distill import Distilled
 
-        teacher = distilling.load_teacher(cfg, objective.HEAD, accelerator.device, dtype)
-        if distilling.settings(cfg).cache:
-            cached = distilling.cache_outputs(cfg, teacher, prepared.examples["train"], eval_bs, pad_id,
-                                              accelerator.device)
-        objective = Distilled(task, teacher, distilling.settings(cfg))
+def score_base(flow: Flow, model, gen_items: list[dict]):
+    """The starting model's scores per held-out split (and its answers to the test prompts), read back from
+    the run folder on resume: (base, base_answers, {"base": seconds})."""
+    cfg, objective, prepared, acc = flow.cfg, flow.objective, flow.prepared, flow.accelerator
+    pad_id = flow.tokenizer.pad_token_id
     if hasattr(objective, "attach_reference"):  # the starting model, before anything trains (dpo's reference)
-        objective.attach_reference(model, prepared.examples, cfg.objective, eval_bs, pad_id, accelerator)
-    gen_items = generation_items(cfg, objective, prepared)
-    base, base_answers, gen_seconds = None, None, {}  # base: the starting model's scores per held-out split
+        objective.attach_reference(model, prepared.examples, cfg.objective, flow.eval_bs, pad_id, acc)
+    base, base_answers, gen_seconds = None, None, {}
     held_out = [s for s in ("test", "validation") if prepared.examples.get(s)]
-    if cfg.eval.compare_base and held_out:
-        base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
-        if resume and base_file.exists():
-            base = artifacts.read_json(base_file)
-            base_answers = [Generation(**g) for g in artifacts.read_json(answers_file)] if gen_items else None
-        else:
-            base = {s: evaluate(model, objective, cfg.objective, prepared.examples[s], eval_bs, pad_id, accelerator,
-                                f"base {s}") for s in held_out}
-            if gen_items and "test" in base:
-                scores, base_answers, gen_seconds["base"] = answer_prompts(model, chat, gen_items, cfg, say, "base")
-                base["test"].update(scores)
-                if accelerator.is_main_process:
-                    artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
-            if accelerator.is_main_process:
-                artifacts.write_json(base_file, base)
-        for s, scores in base.items():
-            say(f"base {s} " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    # The model holds its starting weights here (a resumed run loads its checkpoint inside fit).
-    probe_before = forgetting.measure(model, probe, pad_id, eval_bs, accelerator.device) if probe else None
-    start = trainable_state(model)
-    penalty = REGIMES[cfg.regime.kind].make_penalty(cfg.regime, model, objective.HEAD, tokenizer, accelerator.device)
+    if not (cfg.eval.compare_base and held_out):
+        return base, base_answers, gen_seconds
+    base_file, answers_file = flow.run_dir / "base_scores.json", flow.run_dir / "base_generations.json"
+    if flow.resume and base_file.exists():
+        base = artifacts.read_json(base_file)
+        base_answers = [Generation(**g) for g in artifacts.read_json(answers_file)] if gen_items else None
+    else:
+        base = {s: evaluate(model, objective, cfg.objective, prepared.examples[s], flow.eval_bs, pad_id, acc,
+                            f"base {s}") for s in held_out}
+        if gen_items and "test" in base:
+            scores, base_answers, gen_seconds["base"] = answer_prompts(model, prepared.chat, gen_items, cfg, flow.say,
+                                                                       "base")
+            base["test"].update(scores)
+            if flow.main:
+                artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
+        if flow.main:
+            artifacts.write_json(base_file, base)
+    for s, scores in base.items():
+        flow.say(f"base {s} " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return base, base_answers, gen_seconds
 
-    sampler = getattr(REGIMES[cfg.regime.kind], "batches", None)
-    trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
-                  train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),
-                  cfg=cfg.train, pad_id=pad_id, run_dir=run_dir, accelerator=accelerator, resume=resume,
-                  penalty=penalty,
-                  batches=sampler(cfg.regime, prepared.examples["train"], cfg.train, train_batches) if sampler else None)
-    model = accelerator.unwrap_model(model)
 
+def score_tuned(flow: Flow, model, gen_items: list[dict]):
+    """The tuned model's scores per held-out split and its answers: (results, answers, seconds or None)."""
+    cfg, prepared = flow.cfg, flow.prepared
     results = {}
     for split in ("validation", "test"):
         if prepared.examples.get(split):
-            results[split] = evaluate(model, objective, cfg.objective, prepared.examples[split], eval_bs, pad_id,
-                                      accelerator, split)
-    answers = None
-    if gen_items and "test" in results:
-        scores, answers, gen_seconds["tuned"] = answer_prompts(model, chat, gen_items, cfg, say, "tuned")
-        results["test"].update(scores)
-    forgot = None
-    if probe:
-        after = forgetting.measure(model, probe, pad_id, eval_bs, accelerator.device)
-        forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe)
-    side = None
-    if teacher is not None and "test" in prepared.examples:
-        side = distilling.side_by_side(cfg, teacher, task, model, prepared.examples["test"], eval_bs, pad_id,
-                                       accelerator, run_dir, hard)
-        if cached:
-            side["teacher_cache"] = cached
-    watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
-    diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, base, results, update_size(start, model))
-    del start
-    if cfg.eval.metrics:
-        keep = lambda k: k.rsplit("/", 1)[-1] in cfg.eval.metrics  # noqa: E731 (a task's metrics: `<task>/accuracy`)
-        results = {s: {k: v for k, v in m.items() if keep(k)} for s, m in results.items()}
-        base = {s: {k: v for k, v in m.items() if keep(k)} for s, m in base.items()} if base else base
+            results[split] = evaluate(model, flow.objective, cfg.objective, prepared.examples[split], flow.eval_bs,
+                                      flow.tokenizer.pad_token_id, flow.accelerator, split)
+    if not (gen_items and "test" in results):
+        return results, None, None
+    scores, answers, seconds = answer_prompts(model, prepared.chat, gen_items, cfg, flow.say, "tuned")
+    results["test"].update(scores)
+    return results, answers, seconds
 
-    summary = {
-        "name": cfg.name,
+
+def reported(cfg: RunConfig, results: dict, base: dict | None):
+    """Only the metrics `eval.metrics` asks for (all if it is unset)."""
+    if not cfg.eval.metrics:
+        return results, base
+    def keep(k: str) -> bool:  # a task's metrics read `<task>/accuracy`
+        return k.rsplit("/", 1)[-1] in cfg.eval.metrics
+
+    results = {s: {k: v for k, v in m.items() if keep(k)} for s, m in results.items()}
+    base = {s: {k: v for k, v in m.items() if keep(k)} for s, m in base.items()} if base else base
+    return results, base
+
+
+def run_summary(flow: Flow, trained: dict, counts, results: dict, base: dict | None, forgot, diagnosis) -> dict:
+    return {
+        "name": flow.cfg.name,
         **results,
         "base": base,
         "train": {k: v for k, v in trained.items() if k != "validation_history"},
-        "params": params_summary(trainable, total),
-        "checks": checks_summary(report),
-        **({"tasks": objective.per_task(results, base)} if hasattr(objective, "per_task") else {}),
+        "params": params_summary(*counts),
+        "checks": checks_summary(flow.report),
+        **({"tasks": flow.objective.per_task(results, base)} if hasattr(flow.objective, "per_task") else {}),
         "forgetting": forgot,
         "diagnosis": diagnosis,
         "peak_memory_mb": artifacts.peak_memory_mb(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - flow.started, 1),
     }
+
+
+def save_run(flow: Flow, model, summary: dict, generation, scores, side: dict | None = None) -> None:
+    """The chat and generation facts into the summary, the base-vs-tuned report, the weights, summary.json."""
+    cfg, chat, objective = flow.cfg, flow.prepared.chat, flow.objective
+    gen_items, base_answers, answers, gen_seconds = generation
+    base, results = scores
     if chat is not None:
         summary["chat"] = chat_summary(chat)
         if chat.template is not None and objective.HEAD == "causal-lm":
@@ -329,42 +424,50 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
         summary["generation"] = {"prompts": len(answers), "max_new_tokens": settings.max_new_tokens,
                                  "do_sample": settings.do_sample, "seconds": gen_seconds,
                                  "report": "compare.md" if base_answers is not None else "generations.json"}
-    if accelerator.is_main_process:
-        if answers is not None and base_answers is not None:
-            write_report(run_dir, f"{cfg.name}: base vs tuned on the test prompts", (cfg.model.name, str(run_dir)),
-                         (base["test"], results["test"]), side_by_side(gen_items, base_answers, answers))
-        elif answers is not None:
-            artifacts.write_json(run_dir / "generations.json", [{"messages": it["messages"], "reference":
-                                 it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
-        save = getattr(tuning, "save", None) or artifacts.save_weights
-        summary["weights"] = save(run_dir, model, tokenizer)
-        if side is not None:
-            summary["distill"] = distilling.with_sizes(side, cfg, run_dir, summary["weights"])
-        artifacts.set_status(run_dir, "completed")
-        artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
-        if "test" in results:
-            print_comparison((base or {}).get("test"), results["test"])
-        if side is not None:
-            distilling.print_table(summary["distill"], task.MAIN_METRIC)
-        print_diagnosis(diagnosis, forgot)
-        print(f"\nrun saved to {run_dir}")
-    return summary
+    if not flow.main:
+        return
+    run_dir = flow.run_dir
+    if answers is not None and base_answers is not None:
+        write_report(run_dir, f"{cfg.name}: base vs tuned on the test prompts", (cfg.model.name, str(run_dir)),
+                     (base["test"], results["test"]), side_by_side(gen_items, base_answers, answers),
+                     metric_directions(objective))
+    elif answers is not None:
+        artifacts.write_json(run_dir / "generations.json", [{"messages": it["messages"], "reference":
+                             it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
+    sizes = (lambda weights: {"distill": distilling.with_sizes(side, cfg, run_dir, weights)}) if side else None
+    write_run(run_dir, flow.tuning, model, flow.tokenizer, summary, sizes)
+    if "test" in results:
+        print_comparison((base or {}).get("test"), results["test"])
+    if side is not None:
+        distilling.print_table(summary["distill"], flow.objective.MAIN_METRIC)
+    print_diagnosis(summary["diagnosis"], summary["forgetting"])
+    print(f"\nrun saved to {run_dir}")
+
+
+def write_run(run_dir: Path, tuning, model, tokenizer, summary: dict, after_weights=None) -> None:
+    """The weights (as the tuning saves them), then the run marked completed and summary.json: last, so a
+    folder with a summary always holds everything. `after_weights(weights folder name)` -> more summary keys
+    that need the saved weights (a distilled student's size on disk)."""
+    save = getattr(tuning, "save", None) or artifacts.save_weights
+    summary["weights"] = save(run_dir, model, tokenizer)
+    if after_weights is not None:
+        summary.update(after_weights(summary["weights"]))
+    artifacts.set_status(run_dir, "completed")
+    artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
 
 
 def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report: Report, model, resume: bool,
                started: float, accelerator, counts: tuple[int, int]) -> dict:
     """PPO: the starting model answers held-out prompts, PPO trains, the tuned model answers them again;
     reward and KL to the reference before and after, a side-by-side report, the weights and the summary."""
-    from .errors import TunesmithError
-    from .objectives import rewards
-    from .train import ppo
 
     if accelerator.num_processes > 1:
         raise TunesmithError("ppo trains on one process (its rollouts are not sharded)",
                              hint="run it without torchrun / accelerate launch")
     say, obj, chat = accelerator.print, cfg.objective, prepared.chat
     tokenizer.chat_template = chat.template  # saved with the weights: the tuned policy is prompted as trained
-    scorer = rewards.load(obj.reward, accelerator.device, cfg.model.trust_remote_code)
+    # built here and passed in: the objective stays a leaf
+    scorer = scorers.load(obj.reward, accelerator.device, cfg.model.trust_remote_code)
     pv = ppo.PolicyAndValue(model).to(accelerator.device)
     reference = ppo.make_reference(pv)
     split = "test" if prepared.examples.get("test") else "validation"
@@ -416,14 +519,11 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
         summary["generation"] = {"prompts": len(answers), "max_new_tokens": settings.max_new_tokens,
                                  "do_sample": settings.do_sample, "report": "compare.md"}
         write_report(run_dir, f"{cfg.name}: starting model vs PPO-tuned policy on the {split} prompts",
-                     (cfg.model.name, str(run_dir)), (base, results), side_by_side(held, base_answers, answers))
-    save = getattr(tuning, "save", None) or artifacts.save_weights
-    summary["weights"] = save(run_dir, model, tokenizer)
-    from safetensors.torch import save_file
+                     (cfg.model.name, str(run_dir)), (base, results), side_by_side(held, base_answers, answers),
+                     metric_directions(OBJECTIVES[cfg.objective.kind]))
     save_file({k: v.detach().cpu().contiguous() for k, v in pv.value_head.state_dict().items()},
               run_dir / "value_head.safetensors")
-    artifacts.set_status(run_dir, "completed")
-    artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
+    write_run(run_dir, tuning, model, tokenizer, summary)
     if results:
         print(f"\n{split} prompts ({len(held)})  {'start':>10}{'tuned':>10}")
         for key in ("reward", "kl", "new_tokens"):

@@ -28,6 +28,7 @@ from pathlib import Path
 from . import artifacts
 from .config import RunConfig, apply_override, check_run_name, read_yaml, validate
 from .errors import ConfigError, TunesmithError
+from .objectives import OBJECTIVES
 
 KINDED = ("tuning", "objective", "regime")
 STAGE_REF = "stage:"
@@ -116,6 +117,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Staged:
         merged = merge(data, stage)
         if _student_from_teacher(merged) and "model" not in stage:
             merged.pop("model", None)  # a student built from its teacher's layers starts from the teacher
+        _drop_unused_inherited(merged, stage)
         merged["name"] = f"{i + 1}-{name}"
         merged["output"] = {"dir": str(root / "stages")}
         cfg = validate(merged, where, f"stages[{i}]")
@@ -130,6 +132,19 @@ def _student_from_teacher(raw: dict) -> bool:
     objective = raw.get("objective")
     distill = objective.get("distill") if isinstance(objective, dict) else None
     return isinstance(distill, dict) and distill.get("keep_layers") is not None
+
+
+def _drop_unused_inherited(merged: dict, stage: dict) -> None:
+    """Loop settings the top level sets for its other stages (eval_every for an sft stage, say) are not passed to
+    a stage whose objective does not take them; a stage that sets one itself is still refused by its check."""
+    objective = merged.get("objective")
+    kind = objective.get("kind") if isinstance(objective, dict) else objective
+    unused = getattr(OBJECTIVES.get(kind), "UNUSED_TRAIN_SETTINGS", {})
+    train, own = merged.get("train"), stage.get("train") or {}
+    if isinstance(train, dict) and isinstance(own, dict):
+        for key in unused:
+            if key not in own:
+                train.pop(key, None)
 
 
 def _check_refs(cfg: RunConfig, earlier: list[str], where, own: bool) -> None:
@@ -216,7 +231,6 @@ def headline(summary: dict) -> dict:
 
 
 def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
-    from .objectives import OBJECTIVES
     from .run import train
 
     started, root = time.perf_counter(), staged.root

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..schema import Section
+
+SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers.set_seed feeds
 
 
 class SplitConfig(Section):
@@ -17,7 +19,7 @@ class SplitConfig(Section):
     """Fraction of train carved off as validation when no validation split is given (0: none)."""
     test: float = Field(0.1, ge=0, lt=1)
     """Fraction of train carved off as test when no test split is given (0: none)."""
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
     """Seed of the carving shuffle; defaults to train.seed."""
 
 
@@ -82,8 +84,23 @@ class DataConfig(Section):
     """Tokens per example; longer examples are truncated (the data card counts them)."""
     max_rows: dict[Literal["train", "validation", "test"], int] = {}
     """Use at most this many rows of a split, e.g. `{train: 2000}` for a quick run."""
+    encoding: Optional[str] = None
+    """Text encoding of the data files (e.g. `cp1252`, `latin-1`); null: UTF-8, with or without a byte-order
+    mark, or UTF-16/32 with one."""
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
                     "sharegpt_preference", "scored", "prompt"] = "auto"
     """Row format for generative objectives (see docs/formats.md); auto detects it from the first row."""
     checks: ChecksConfig = ChecksConfig()
     """Leakage, duplicate, empty-row, truncation and label-balance checks, run before training."""
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v):
+        import codecs
+
+        if v is not None:
+            try:
+                codecs.lookup(v)
+            except LookupError:
+                raise ValueError(f"unknown encoding {v!r} (name a Python codec, e.g. utf-8, cp1252, latin-1)") from None
+        return v

@@ -16,7 +16,7 @@ SPLITS = ("train", "validation", "test")
 
 def load_splits(data, seed: int) -> dict[str, Split]:
     """Rows for train, validation and test (a split may be absent only if its fraction is 0)."""
-    found = read(data.train)
+    found = read(data.train, data.encoding)
     if isinstance(found, Split):
         splits = {"train": found}
     else:
@@ -31,7 +31,7 @@ def load_splits(data, seed: int) -> dict[str, Split]:
         ref = getattr(data, name)
         if ref is None:
             continue
-        got = read(ref)
+        got = read(ref, data.encoding)
         if isinstance(got, dict):
             if name not in got:
                 raise DataError(f"{ref} has no {name} split (found: {', '.join(got)})", where=f"data.{name}")

@@ -12,10 +12,9 @@ import html
 import json
 from pathlib import Path
 
+from ..axes import better, metric_directions
 from ..errors import TunesmithError
 
-LOWER_IS_BETTER = {"loss", "perplexity"}
-NEUTRAL = {"new_tokens"}  # longer answers are not better or worse in themselves
 
 
 def _fmt(value) -> str:
@@ -56,17 +55,18 @@ td.text{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em;
 .better{font-weight:bold}.nostop{color:#a00;font-size:.8em}"""
 
 
-def render_html(title: str, names: tuple[str, str], scores: tuple[dict, dict], rows: list[dict]) -> str:
+def render_html(title: str, names: tuple[str, str], scores: tuple[dict, dict], rows: list[dict],
+                directions: dict) -> str:
+    """`directions`: metric -> "max", "min" or None (the objective's); the tuned score that is better is bold."""
     e = html.escape
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>",
            f"</head><body><h1>{e(title)}</h1><p>base: <code>{e(names[0])}</code><br>tuned: <code>{e(names[1])}</code>"
            f"<br>prompts: {len(rows)}</p><table><tr><th>metric</th><th>base</th><th>tuned</th></tr>"]
     for key, tuned in scores[1].items():
         base = scores[0].get(key)
-        better = (isinstance(base, float) and isinstance(tuned, float) and base != tuned and key not in NEUTRAL
-                  and (tuned < base) == (key in LOWER_IS_BETTER))
+        won = isinstance(base, float) and isinstance(tuned, float) and better(directions.get(key), tuned, base)
         out.append(f"<tr><td>{e(key)}</td><td>{e(_fmt(base))}</td>"
-                   f"<td{' class=better' if better else ''}>{e(_fmt(tuned))}</td></tr>")
+                   f"<td{' class=better' if won else ''}>{e(_fmt(tuned))}</td></tr>")
     out.append("</table><table><tr><th>#</th><th>prompt</th><th>reference</th><th>base</th><th>tuned</th></tr>")
     for i, row in enumerate(rows, 1):
         cells = [_prompt_text(row["messages"]), row.get("reference") or ""]
@@ -87,12 +87,12 @@ def side_by_side(items: list[dict], base_gens, tuned_gens) -> list[dict]:
 
 
 def write_report(folder: Path, title: str, names: tuple[str, str], scores: tuple[dict, dict], rows: list[dict],
-                 stem: str = "compare") -> list[Path]:
-    """compare.md, compare.html and compare.json in `folder`."""
+                 directions: dict, stem: str = "compare") -> list[Path]:
+    """compare.md, compare.html and compare.json in `folder`; `directions` as in `render_html`."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.{ext}" for ext in ("md", "html", "json")]
     paths[0].write_text(render_markdown(title, names, scores, rows), encoding="utf-8")
-    paths[1].write_text(render_html(title, names, scores, rows), encoding="utf-8")
+    paths[1].write_text(render_html(title, names, scores, rows, directions), encoding="utf-8")
     paths[2].write_text(json.dumps({"base": names[0], "tuned": names[1], "scores": {"base": scores[0],
                                     "tuned": scores[1]}, "rows": rows}, indent=1, ensure_ascii=False) + "\n",
                         encoding="utf-8")
@@ -110,13 +110,13 @@ def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts
     from ..data.formats import split_format
     from ..data.load import rename_columns
     from ..data.sources import Split, read
-    from ..objectives import OBJECTIVES
     from ..trained import load_trained
     from .generation import evaluate_generation
     from .score import evaluate
 
     tuned = load_trained(run_ref, trust_remote_code=trust_remote_code)
-    if tuned.cfg is None or tuned.chat is None or tuned.chat.template is None:
+    if (tuned.cfg is None or tuned.chat is None or tuned.chat.template is None
+            or not hasattr(tuned.objective, "GENERATION_METRICS")):
         raise TunesmithError(f"{run_ref} is not a finished run of a chat-templated causal LM (an sft run)",
                              hint="compare needs prompts and answers: train with objective: sft")
     base = load_trained(base_ref, head="causal-lm", trust_remote_code=trust_remote_code)
@@ -138,8 +138,8 @@ def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts
         raise TunesmithError(f"{data} holds plain text; compare needs prompts with reference answers",
                              hint="see docs/formats.md")
     # prepared as the run prepared its data: same template, and over-long prompts shortened the same way
-    sft = OBJECTIVES["sft"]
-    prepared = sft.prepare({split: part}, tuned.tokenizer, tuned.obj_cfg, tuned.data_cfg)
+    objective = tuned.objective
+    prepared = objective.prepare({split: part}, tuned.tokenizer, tuned.obj_cfg, tuned.data_cfg)
     items = prepared.prompts[split]
     settings = tuned.generate  # the run's generation settings, so compare repeats what training measured
     if max_new_tokens is not None:
@@ -148,12 +148,12 @@ def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts
     pad = tuned.tokenizer.pad_token_id
     scores, generations = [], []
     for trained in (base, tuned):
-        s = evaluate(trained.model, sft, tuned.obj_cfg, prepared.examples[split], batch_size, pad, None, split)
+        s = evaluate(trained.model, objective, tuned.obj_cfg, prepared.examples[split], batch_size, pad, None, split)
         g_scores, gens = evaluate_generation(trained.model, tuned.chat, items, settings, seed)
         scores.append({**s, **g_scores})
         generations.append(gens)
     rows = side_by_side(items, *generations)
     folder = out or Path(run_ref) / "compare"
     title = f"{Path(run_ref).name}: base vs tuned on {where}"
-    write_report(folder, title, (base_ref, run_ref), (scores[0], scores[1]), rows)
+    write_report(folder, title, (base_ref, run_ref), (scores[0], scores[1]), rows, metric_directions(objective))
     return folder, {"base": scores[0], "tuned": scores[1]}

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LOWER_IS_BETTER = {"loss", "perplexity"}
+from ..axes import Direction, better
+
 WORSE_BY = 0.01
 """Relative worsening of validation loss past its best that counts, when it holds for at least two
 evaluations after the best (one bad evaluation can be noise)."""
@@ -47,20 +48,17 @@ def update_size(start: dict, model) -> dict:
     return {"relative": ratio, "norm": moved ** 0.5}
 
 
-def _better(a: float, b: float, metric: str) -> bool:
-    return a < b if metric in LOWER_IS_BETTER else a > b
-
-
-def diagnose(history: list[dict], trained: dict, cfg, watch: str, base: dict | None, results: dict,
-             update: dict | None) -> dict:
-    """The diagnosis written to summary.json under `diagnosis`; `warnings` lists what needs attention."""
+def diagnose(history: list[dict], trained: dict, cfg, watch: str, direction: Direction, base: dict | None,
+             results: dict, update: dict | None) -> dict:
+    """The diagnosis written to summary.json under `diagnosis`; `warnings` lists what needs attention.
+    `watch` is the metric early stopping watched, `direction` whether it is better high or low."""
     evals = [h for h in history if h.get("split") == "validation"]
     logs = [h for h in history if "split" not in h and "loss" in h]
     out = {"early_stopping": _early_stopping(trained, cfg, watch, bool(evals))}
     out["gap"] = [{"step": e["step"], "train_loss": round(e["train_loss"], 5), "validation_loss": round(e["loss"], 5),
                    "gap": round(e["loss"] - e["train_loss"], 5)} for e in evals if "loss" in e and "train_loss" in e]
-    out["overfitting"] = _overfitting(evals, watch, trained)
-    out["underfitting"] = _underfitting(logs, evals, trained, cfg, watch, base, results, update,
+    out["overfitting"] = _overfitting(evals, watch, direction, trained)
+    out["underfitting"] = _underfitting(logs, evals, trained, cfg, watch, direction, base, results, update,
                                         overfit=out["overfitting"]["warning"])
     if update is not None:
         out["update"] = {"relative": round(update["relative"], 6), "norm": round(update["norm"], 4)}
@@ -91,7 +89,7 @@ def _early_stopping(trained: dict, cfg, watch: str, has_validation: bool) -> dic
     return info
 
 
-def _overfitting(evals: list[dict], watch: str, trained: dict) -> dict:
+def _overfitting(evals: list[dict], watch: str, direction: Direction, trained: dict) -> dict:
     """Did validation get worse after its best while the training loss kept falling?"""
     with_loss = [e for e in evals if "loss" in e and "train_loss" in e]
     if len(with_loss) < 2:
@@ -106,7 +104,7 @@ def _overfitting(evals: list[dict], watch: str, trained: dict) -> dict:
     worse = [e for e in after if e["loss"] > best["loss"] * (1 + WORSE_BY)]
     rose = len(worse) >= 2 and worst_after in worse
     fell = worst_after is not None and worst_after["train_loss"] < best["train_loss"]
-    watched = _watched_worsened(evals, watch) if watch not in ("loss", "train_loss") else None
+    watched = _watched_worsened(evals, watch, direction) if watch not in ("loss", "train_loss") else None
     if rose and fell:
         info["warning"] = True
         info["message"] = (
@@ -128,21 +126,21 @@ def _overfitting(evals: list[dict], watch: str, trained: dict) -> dict:
     return info
 
 
-def _watched_worsened(evals: list[dict], watch: str) -> str | None:
+def _watched_worsened(evals: list[dict], watch: str, direction: Direction) -> str | None:
     """The watched metric (e.g. accuracy) fell away from its best while training loss fell."""
     scored = [e for e in evals if watch in e and "train_loss" in e]
     if len(scored) < 2:
         return None
     best = scored[0]
     for e in scored[1:]:
-        if _better(e[watch], best[watch], watch):
+        if better(direction, e[watch], best[watch]):
             best = e
     later = [e for e in scored if e["step"] > best["step"]]
     if len(later) < 2:
         return None
     worst = later[0]
     for e in later[1:]:
-        if _better(worst[watch], e[watch], watch):
+        if better(direction, worst[watch], e[watch]):
             worst = e
     drop = abs(worst[watch] - best[watch]) / max(abs(best[watch]), 1e-12)
     if drop > WORSE_BY and worst["train_loss"] < best["train_loss"]:
@@ -175,7 +173,7 @@ def _steps(window: dict) -> str:
     return f"{window['step'] - window['span'] + 1}-{window['step']}"
 
 
-def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overfit: bool) -> list[dict]:
+def _underfitting(logs, evals, trained, cfg, watch, direction: Direction, base, results, update, overfit: bool) -> list[dict]:
     """Signs that the model barely learned, each with the change to try. A run that overfit did learn
     (its training data): a learning rate or length too small is then not the explanation."""
     found = []
@@ -208,7 +206,7 @@ def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overf
                       "suggestion": f"train.lr={lr:g} is likely too low; try {lr * 10:g}"})
     base_val = (base or {}).get("validation") or {}
     tuned_val = results.get("validation") or {}
-    if watch in base_val and watch in tuned_val and not _better(tuned_val[watch], base_val[watch], watch):
+    if watch in base_val and watch in tuned_val and not better(direction, tuned_val[watch], base_val[watch]):
         found.append({"finding": f"validation {watch} {tuned_val[watch]:.4f} is no better than the base model's "
                                  f"{base_val[watch]:.4f}",
                       "suggestion": "the model fit its training rows without generalising: check that the labels "
@@ -219,7 +217,7 @@ def _underfitting(logs, evals, trained, cfg, watch, base, results, update, overf
                                     + (" (the loss and the weights barely moved)" if flat or tiny else "")})
     if (evals and not trained.get("stopped_early") and trained.get("best_step") == evals[-1]["step"]
             and len(evals) >= 2 and watch in evals[-1] and watch in evals[-2]
-            and _better(evals[-1][watch], evals[-2][watch], watch)):
+            and better(direction, evals[-1][watch], evals[-2][watch])):
         longer = (f"train.max_steps {cfg.train.max_steps} -> {2 * cfg.train.max_steps}" if cfg.train.max_steps
                   else f"train.epochs {epochs:g} -> {epochs * 2:g}")
         found.append({"finding": f"validation {watch} was still improving when training ended "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.collate import collate
-from ..train.batches import eval_batches
+from ..data.batches import eval_batches
 
 
 @dataclass

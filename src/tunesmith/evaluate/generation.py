@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..train.progress import bar
+from ..progress import bar
 from .metrics import text_metrics
 
 

@@ -7,8 +7,8 @@ from collections import defaultdict
 import torch
 
 from ..data.collate import collate
-from ..train.batches import eval_batches
-from ..train.progress import bar
+from ..data.batches import eval_batches
+from ..progress import bar
 
 
 @torch.no_grad()

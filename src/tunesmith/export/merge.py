@@ -22,17 +22,15 @@ class NotMergeable(TunesmithError):
 
 
 def refuse_unmergeable(model: nn.Module) -> None:
-    from ..tuning.adapter import Bottleneck
-
+    """Refuse what no weight can hold: peft's virtual tokens, or any module that says why (`NOT_MERGEABLE`)."""
     peft_cfg = getattr(model, "active_peft_config", None)
     if peft_cfg is not None and peft_cfg.is_prompt_learning:
         kind = str(peft_cfg.peft_type.value).lower().replace("_", " ")
         raise NotMergeable(f"{kind} adds virtual tokens to the input; no weight of the base can hold them",
                            hint="ship the base model and the adapter folder together (PeftModel.from_pretrained)")
-    if any(isinstance(m, Bottleneck) for m in model.modules()):
-        raise NotMergeable("bottleneck adapters have a non-linearity between their two layers, so they cannot be "
-                           "folded into a weight matrix",
-                           hint="ship the run's adapter/ folder with its base model, loaded with tunesmith")
+    reason = next((m.NOT_MERGEABLE for m in model.modules() if getattr(m, "NOT_MERGEABLE", None)), None)
+    if reason:
+        raise NotMergeable(reason, hint="ship the run's adapter/ folder with its base model, loaded with tunesmith")
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -23,7 +23,8 @@ def export(run: str | Path, fmt: str, *, quant: str = "f32", out: str | Path | N
            prompts: list[str] | None = None, max_new_tokens: int = 16, trust_remote_code: bool = False) -> dict:
     from ..models.load import head_class, quiet_transformers
     from ..trained import load_trained
-    from .merge import is_quantized, merge, refuse_unmergeable
+    from ..tuning import TUNINGS
+    from .merge import NotMergeable, is_quantized, merge, refuse_unmergeable
 
     run = Path(run)
     trained = load_trained(run, trust_remote_code=trust_remote_code)
@@ -31,7 +32,10 @@ def export(run: str | Path, fmt: str, *, quant: str = "f32", out: str | Path | N
         raise TunesmithError(f"{run} is a model folder, not a run", hint="export takes a run folder (runs/<name>)")
     head = trained.objective.HEAD
     model, tokenizer = trained.model, trained.tokenizer
-    refuse_unmergeable(model)
+    refuse_unmergeable(model)  # says why, where the model knows
+    if not TUNINGS[trained.cfg.tuning.kind].MERGEABLE:
+        raise NotMergeable(f"tuning {trained.cfg.tuning.kind!r} cannot be folded into the base weights",
+                           hint="ship the run's weights folder with its base model, loaded with tunesmith")
     if fmt == "gguf":
         from .gguf import check_exportable
 

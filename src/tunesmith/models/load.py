@@ -7,7 +7,9 @@ built from the architecture's default config, for planning and tests).
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,8 +62,8 @@ def resolve(name: str, what: str = "model") -> str:
         return name
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists() and what == "model":
-            raise ModelError(f"{path} has no config.json; it is not a transformers model folder")
+        if what == "model":
+            check_model_folder(path)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{what} folder not found: {name}")
@@ -72,6 +74,81 @@ def resolve(name: str, what: str = "model") -> str:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
         raise ModelError(f"{what} {name!r} is not a local folder and {why}", hint=OFFLINE_HINT)
     return name
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
+                   "vocab.json")
+
+
+def check_model_folder(path: Path) -> None:
+    """A local model folder as transformers will read it: config.json a JSON object, and every safetensors
+    file's header readable and consistent with its size (a truncated or garbage file is caught here, before
+    any run folder exists, instead of deep inside loading)."""
+    if not path.is_dir():
+        raise ModelError(f"{path} is a file; a model is a folder with config.json and weights", where="model.name")
+    config = path / "config.json"
+    if not config.exists():
+        raise ModelError(f"{path} has no config.json; it is not a transformers model folder", where="model.name")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelError(f"config.json is not readable JSON ({type(e).__name__})", where=str(config)) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"config.json holds a {type(data).__name__}, not an object of settings", where=str(config))
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
+def check_safetensors(path: Path) -> None:
+    """The safetensors header (8-byte length, JSON table of tensors) is readable and the file holds every byte
+    the table points to."""
+    size = path.stat().st_size
+    problem = None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > size - 8:
+                problem = "empty or truncated" if len(head) < 8 else f"its header length ({n} bytes) does not fit the file"
+            else:
+                table = json.loads(f.read(n))
+                ends = [v["data_offsets"][1] for k, v in table.items() if k != "__metadata__"]
+                need = 8 + n + max(ends, default=0)
+                if need != size:
+                    problem = f"truncated or padded: its tensors take {need} bytes, the file has {size}"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        problem = f"its header is not valid ({type(e).__name__})"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    if problem:
+        raise ModelError(f"damaged weights file: {problem}", where=str(path),
+                         hint="copy or download the model again")
+
+
+def check_architecture(model_cfg, config, head: str, max_length: int | None) -> None:
+    """The objective's head exists for this architecture (no clm on an encoder), and examples fit the model's
+    positions."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    kind, name = type(config), model_cfg.name
+    model_type = getattr(config, "model_type", kind.__name__)
+    auto = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification",
+            "masked-lm": "AutoModelForMaskedLM"}[head]
+    own_code = auto in (getattr(config, "auto_map", None) or {})  # a model with its own classes says what it has
+    if head == "causal-lm" and not own_code and not is_decoder_only(config):
+        raise ModelError(f"{name} is a {model_type} model, not a decoder-only causal language model, so it cannot "
+                         "generate or be trained left to right", where="objective.kind",
+                         hint="use a causal LM (e.g. sample:smollm2-135m-instruct), or objective mlm / classify")
+    mapping = {"sequence-classification": AutoModelForSequenceClassification,
+               "masked-lm": AutoModelForMaskedLM}.get(head)
+    if mapping is not None and not own_code and kind not in mapping._model_mapping:
+        raise ModelError(f"transformers has no {head} model for the {model_type} architecture of {name}",
+                         where="objective.kind")
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                      if isinstance(getattr(config, k, None), int)), None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ModelError(f"{max_length} tokens per example, but {name} has {positions} positions",
+                         where="data.max_length", hint=f"set data.max_length to {positions} or less")
 
 
 @contextmanager
@@ -99,10 +176,11 @@ def build_config(model_cfg, model_kwargs: dict, resolved: str):
         if resolved.startswith("arch:"):
             return AutoConfig.for_model(resolved[len("arch:"):], **kwargs)
         return AutoConfig.from_pretrained(resolved, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         hint = ("set model.trust_remote_code: true in the config, or pass --trust-remote-code, if you trust it"
                 if "trust_remote_code" in str(e) else None)
-        raise ModelError(f"cannot build the config of {model_cfg.name!r}: {e}", where="model", hint=hint) from None
+        raise ModelError(f"cannot build the config of {model_cfg.name!r}: {type(e).__name__}: {str(e)[:300]}",
+                         where="model", hint=hint) from None
     except OSError as e:
         raise ModelError(f"cannot read the model {model_cfg.name!r}: {e}", where="model.name",
                          hint=OFFLINE_HINT) from None
@@ -129,14 +207,25 @@ def load_model(model_cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad
         try:
             model = cls.from_pretrained(resolved, config=config, dtype=dtype,
                                         trust_remote_code=model_cfg.trust_remote_code, **extra)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load {model_cfg.name!r} as a {head} model: {e}", where="model.name") from None
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise load_error(model_cfg.name, head, e) from None
     if "quantization_config" in extra:
         from .quantize import keep_compute_dtype, release_checkpoint
 
         keep_compute_dtype(model)
         release_checkpoint(model)
     return model
+
+
+def load_error(name: str, head: str, e: BaseException) -> ModelError:
+    """A failure to read a model's weights as a located error: a pickle torch refused (weights_only) is named
+    as such, and never with the advice to turn that protection off."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ModelError(f"{name}'s weights are a pickle holding more than tensors; tunesmith does not run code "
+                          "from weights files, so it refused to load them", where="model.name",
+                          hint="use a model saved as safetensors (model.save_pretrained(..., safe_serialization=True))")
+    return ModelError(f"cannot load {name!r} as a {head} model: {type(e).__name__}: {str(e)[:300]}",
+                      where="model.name")
 
 
 def is_decoder_only(config) -> bool:
@@ -151,8 +240,12 @@ def build_on_meta(model_cfg, head: str, model_kwargs: dict):
     """The model's structure with no weights allocated (for planning): reads only its config."""
     resolved = resolve(model_cfg.name)
     config = build_config(model_cfg, model_kwargs, resolved)
-    with torch.device("meta"), quiet_transformers():
-        return head_class(head).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        with torch.device("meta"), quiet_transformers():
+            return head_class(head).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ZeroDivisionError, IndexError) as e:
+        raise ModelError(f"its config describes a model that cannot be built ({type(e).__name__}: {str(e)[:200]})",
+                         where=f"{model_cfg.name} (config.json)", hint="check the sizes in config.json") from None
 
 
 def load_tokenizer(model_cfg):
@@ -162,11 +255,19 @@ def load_tokenizer(model_cfg):
     if source.startswith("arch:"):
         raise ModelError(f"{model_cfg.name} is an untrained architecture with no tokenizer",
                          where="model.tokenizer", hint="set model.tokenizer to a folder or sample holding one")
-    resolved = resolve(source, what="tokenizer")
+    # the model folder's own problems (config.json, damaged weights) first, before its tokenizer's
+    resolved = resolve(source, what="tokenizer" if model_cfg.tokenizer else "model")
+    folder = Path(resolved)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})",
+                         where="model.tokenizer" if model_cfg.tokenizer else "model.name",
+                         hint="copy the tokenizer into the model folder, or set model.tokenizer to a folder with one")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a tokenizer from {source!r}: {e}", where="model.tokenizer") from None
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer file fails in many library-specific ways
+        where = "model.tokenizer" if model_cfg.tokenizer else "model.name"
+        raise ModelError(f"cannot load a tokenizer from {source!r}: {type(e).__name__}: {str(e)[:300]}",
+                         where=where, hint="its tokenizer files may be damaged: copy them again") from None
     if tokenizer.pad_token is None:
         # Decoder-only models often ship without a pad token; padding is masked out, so any id works.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -11,3 +11,9 @@ OBJECTIVES = {
     "dpo": dpo,
     "ppo": ppo,
 }
+
+DEFAULT = "classify"
+"""The objective of a config that names none."""
+
+FOR_PLAIN_MODEL = {"sequence-classification": "classify", "causal-lm": "sft", "masked-lm": "mlm"}
+"""A plain model folder (not a run) is read back as the objective its head is trained by."""

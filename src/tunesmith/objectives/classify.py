@@ -12,6 +12,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError
 from ..evaluate.metrics import accuracy, macro_f1
 from ..schema import Section
@@ -19,8 +20,8 @@ from .common import Loss, Prepared
 from .distill import DistillConfig
 
 HEAD = "sequence-classification"
-METRICS = ("accuracy", "macro_f1", "loss")
-MAIN_METRIC, MAIN_MODE = "accuracy", "max"
+METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
+MAIN_METRIC = "accuracy"
 
 
 class Config(Section):
@@ -33,7 +34,37 @@ class Config(Section):
     `{teacher: runs/<name>, temperature: 2.0, alpha: 0.5}`."""
 
 
+def _bad_label(value) -> str | None:
+    """Why a label value cannot name a class (labels are strings or whole numbers), else None."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        kind = {bool: "a boolean", float: "a decimal number", list: "a list", dict: "an object"}.get(type(value))
+        return f"label {str(value)[:40]!r} is {kind or type(value).__name__}; labels are strings or whole numbers"
+    if isinstance(value, int) and abs(value) >= 2**63:
+        return "label is a number over 64 bits; labels are strings or whole numbers"
+    if isinstance(value, str) and not value.strip():
+        return "label is blank"
+    return None
+
+
+def _check_rows(splits) -> None:
+    """Every row has a text and a label that can name a class, before any label set is built."""
+    for part in splits.values():
+        for i, row in enumerate(part.rows):
+            for col in ("text", "label"):
+                if row.get(col) is None:
+                    others = [c for c in row if c not in ("text", "label", "text_pair")]
+                    hint = f"map your column with data.columns.{col}: <your column name>"
+                    if col == "label" and "label" not in row and len(others) == 1:
+                        hint = f"if {others[0]!r} holds the labels, map it: data: {{columns: {{label: {others[0]}}}}}"
+                    raise DataError(f"row has no {col!r} column; columns found: {', '.join(map(str, row))}",
+                                    where=part.where(i), hint=hint)
+            problem = _bad_label(row["label"])
+            if problem:
+                raise DataError(problem, where=part.where(i), hint="fix this row's label, or drop the row")
+
+
 def _label_names(splits, cfg: Config) -> list[str]:
+    _check_rows(splits)
     if cfg.labels:
         return list(cfg.labels)
     seen = {row["label"] for row in splits["train"].rows}
@@ -43,8 +74,6 @@ def _label_names(splits, cfg: Config) -> list[str]:
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.tokenize import length_stats, tokenize_texts
-
     labels = _label_names(splits, cfg)
     index = {name: i for i, name in enumerate(labels)}
     examples, card = {}, {"labels": labels}
@@ -107,8 +136,6 @@ def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
 @torch.no_grad()
 def predict(model, tokenizer, texts: list[str], data) -> list[dict]:
     """Label and class probabilities for each text."""
-    from ..data.tokenize import tokenize_texts
-
     ids, _ = tokenize_texts(tokenizer, texts, data.max_length)
     enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     device = next(model.parameters()).device

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+from ..data.pack import blocks, pack
+from ..data.templates import ChatFormat
+from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
@@ -19,8 +22,8 @@ from .distill import DistillConfig
 from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
-METRICS = ("loss", "perplexity")
-MAIN_METRIC, MAIN_MODE = "loss", "min"
+METRICS = {"loss": "min", "perplexity": "min"}
+MAIN_METRIC = "loss"
 
 
 class Config(Section):
@@ -38,10 +41,6 @@ class Config(Section):
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.pack import blocks, pack
-    from ..data.templates import ChatFormat
-    from ..data.tokenize import length_stats, tokenize_texts
-
     examples, card = {}, {}
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for name, part in splits.items():

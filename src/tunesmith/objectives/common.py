@@ -1,18 +1,7 @@
 """The small types every objective shares.
 
-An objective module provides, next to its `Config`:
-  HEAD          which model head it trains (`sequence-classification`, `causal-lm`, `masked-lm`)
-  METRICS       the metrics it reports; MAIN_METRIC and MAIN_MODE (max/min) for early stopping
-  prepare(splits, tokenizer, cfg, data_cfg) -> Prepared
-  loss(model, batch, cfg) -> Loss
-  eval_step(model, batch, cfg) -> dict of per-example lists, merged over batches and processes
-  metrics(outputs, cfg) -> dict of floats
-and optionally
-  GENERATION_METRICS  metrics of generated answers, measured once after training (sft)
-  CHAT                True if it renders chats with a template though its head is no LM (reward)
-  check(cfg, model_config)  combinations that cannot work, found from the model's config alone
-  attach_reference(model, examples, cfg, batch_size, pad_id, accelerator)  run once on the starting model
-                      before base scoring, to store what training compares against (dpo's reference log-probs)
+What an objective module provides is written down in `tunesmith/axes.py` (`Objective`,
+`SupervisedObjective`, `ObjectiveHooks`).
 """
 
 from __future__ import annotations

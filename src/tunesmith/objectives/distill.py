@@ -27,9 +27,15 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
 from ..data.collate import IGNORE_INDEX
+from ..errors import ConfigError
 from ..schema import Section
 from .common import Loss
 from .lm import causal_lm_logits, shifted_token_losses
+
+
+METRICS = {"teacher_agreement": "max"}
+"""What a distilled run reports besides its task's metrics: the share of units where the student's top-1
+prediction is the teacher's."""
 
 
 class DistillConfig(Section):
@@ -125,12 +131,8 @@ class Distilled:
     def __init__(self, task, teacher: Teacher, cfg: DistillConfig):
         self.task, self.teacher, self.cfg = task, teacher, cfg
         self.HEAD = task.HEAD
-        # METRICS may be a tuple of names or a {name: direction} table; agreement with the teacher is better high
-        self.METRICS = {**task.METRICS, "teacher_agreement": "max"} if isinstance(task.METRICS, dict) \
-            else tuple(task.METRICS) + ("teacher_agreement",)
+        self.METRICS = {**task.METRICS, **METRICS}
         self.MAIN_METRIC = task.MAIN_METRIC
-        if hasattr(task, "MAIN_MODE"):
-            self.MAIN_MODE = task.MAIN_MODE
 
     def __getattr__(self, name):  # prepare, predict, GENERATION_METRICS, ... are the task's own
         return getattr(self.task, name)
@@ -217,8 +219,6 @@ class Distilled:
 
 def keep_indices(keep: Union[str, list[int]], n_layers: int) -> list[int]:
     """The teacher's block indices a student keeps (`every_other` or a list, negatives from the end)."""
-    from ..errors import ConfigError
-
     if keep == "every_other":
         return list(range(0, n_layers, 2))
     out = []

@@ -13,7 +13,7 @@ The loss unit is a pair.
 
 The reference is the starting model, and it is never a second copy of the weights:
   - lora, qlora, dora, ia3, prefix, prompt (peft): the same model with the adapter switched off
-    (`disable_adapter`); tunesmith's bottleneck adapters: `tuning.adapter.disabled`;
+    (`disable_adapter()`, which tunesmith's bottleneck adapters offer too);
   - full and freeze tuning change the base weights themselves, so there is no switch: the reference
     log-probs are computed once, before training, for every train/validation/test pair and stored with
     the examples (`precompute_ref`, automatic for these tunings). A frozen copy of the model is never made.
@@ -37,17 +37,20 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ..data.collate import IGNORE_INDEX
+from ..data.batches import eval_batches
+from ..data.collate import IGNORE_INDEX, collate
 from ..errors import TunesmithError
+from ..progress import bar
 from ..schema import Section
 from .common import Loss, Prepared
 from .lm import shifted_token_losses
+from .pairs import prepare_pairs
 from .reward import preference_accuracy
 
 HEAD = "causal-lm"
-METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps",
-           "rejected_logps", "logp_accuracy", "loss")
-MAIN_METRIC, MAIN_MODE = "reward_accuracy", "max"
+METRICS = {"reward_accuracy": "max", "reward_margin": "max", "chosen_reward": "max", "rejected_reward": "min",
+           "chosen_logps": None, "rejected_logps": None, "logp_accuracy": "max", "loss": "min"}
+MAIN_METRIC = "reward_accuracy"
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -76,9 +79,14 @@ class Config(Section):
         return self
 
 
-def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from .pairs import prepare_pairs
+def check(run_cfg, methods) -> None:
+    if run_cfg.objective.precompute_ref is False and methods.tuning.TRAINS_BASE:
+        raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {run_cfg.tuning.kind!r} "
+                         "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
+                         "a frozen copy (twice the memory): leave precompute_ref null or set it true")
 
+
+def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     return prepare_pairs(splits, tokenizer, cfg.template, cfg.system, data, labels=True)
 
 
@@ -105,18 +113,12 @@ def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def reference_switch(model):
-    """A context in which `model` computes as its starting point (its adapters off), or None if its tuning
-    has no switch (full, freeze: the base weights themselves train)."""
-    from peft import PeftModel
-
-    from ..tuning import adapter
-
+    """A context in which `model` computes as its starting point (its adapters off: `disable_adapter()`, as
+    peft models and tunesmith's bottleneck adapters offer it), or None if its tuning has no switch (the base
+    weights themselves train)."""
     inner = getattr(model, "module", model)  # under DDP
-    if isinstance(inner, PeftModel):
-        return inner.disable_adapter()
-    if adapter.has_adapters(inner):
-        return adapter.disabled(inner)
-    return None
+    switch = getattr(inner, "disable_adapter", None)
+    return switch() if switch is not None else None
 
 
 def reference_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,10 +193,6 @@ def attach_reference(model, examples: dict[str, list[dict]], cfg: Config, batch_
     """Before training (the model is its starting point): if the reference is precomputed, store its log-probs
     in every example of every split. Batches are formed as evaluation forms them, so the starting model's
     held-out margins come out exactly 0."""
-    from ..data.collate import collate
-    from ..train.batches import eval_batches
-    from ..train.progress import bar
-
     if not uses_precomputed(model, cfg):
         return
     device = accelerator.device if accelerator else next(model.parameters()).device
@@ -213,27 +211,13 @@ def attach_reference(model, examples: dict[str, list[dict]], cfg: Config, batch_
     model.train(was_training)
 
 
-def attach_reference_for(trained, examples: dict[str, list[dict]], batch_size: int) -> None:
+def attach_reference_for(trained, examples: dict[str, list[dict]], batch_size: int, starting_model) -> None:
     """Scoring a finished run (`tunesmith eval`): give its examples the reference log-probs. A run whose
-    tuning has an adapter to switch off is its own reference; a full or freeze run trained the base weights,
-    so its starting model (`model` in its config) is loaded again to compute them."""
+    tuning has an adapter to switch off is its own reference; one that trained the base weights has its
+    starting model loaded again to compute them (`starting_model()`, built by the caller)."""
     has_switch = reference_switch(trained.model) is not None
     if has_switch and not trained.obj_cfg.precompute_ref:
         return  # computed on the fly with the adapter off
-    reference = trained.model if has_switch else _starting_model(trained)
+    reference = trained.model if has_switch else starting_model()
     cfg = trained.obj_cfg.model_copy(update={"precompute_ref": True})
     attach_reference(reference, examples, cfg, batch_size, trained.tokenizer.pad_token_id)
-
-
-def _starting_model(trained):
-    """A finished run's base model, loaded as the run loaded it (in fp32)."""
-    from pathlib import Path
-
-    from .. import artifacts
-    from ..models.load import load_model
-
-    if trained.cfg.model.name.startswith("arch:"):
-        raise TunesmithError(f"{trained.name} started from a random {trained.cfg.model.name} model, which "
-                             "cannot be rebuilt as its DPO reference", where="model.name")
-    kwargs = artifacts.read_json(Path(trained.name) / artifacts.MANIFEST)["model_kwargs"]
-    return load_model(trained.cfg.model, HEAD, kwargs, torch.float32, trained.tokenizer.pad_token_id).eval()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import IGNORE_INDEX
+from ..errors import ConfigError
 from ..evaluate.metrics import perplexity
 from .common import Loss
 
@@ -49,8 +50,6 @@ def check_packing(model) -> None:
 
     Runs two short random sequences one by one and packed into one row, and compares the logits.
     """
-    from ..errors import ConfigError
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -19,14 +19,15 @@ import torch
 from pydantic import Field
 
 from ..data.collate import IGNORE_INDEX
+from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError, ModelError
 from ..schema import Section
 from .common import Loss, Prepared
 from .lm import masked_lm_forward, token_metrics
 
 HEAD = "masked-lm"
-METRICS = ("loss", "perplexity")
-MAIN_METRIC, MAIN_MODE = "loss", "min"
+METRICS = {"loss": "min", "perplexity": "min"}
+MAIN_METRIC = "loss"
 MASK, RANDOM = 0.8, 0.1  # shares of chosen tokens masked / replaced by a random token (the rest stay)
 
 
@@ -60,8 +61,6 @@ def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, mask_id: torch.Tensor
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.tokenize import length_stats, tokenize_texts
-
     if tokenizer.mask_token_id is None:
         raise ModelError("the tokenizer has no mask token, so the model cannot be trained by masking",
                          where="model.name", hint="mlm is for encoders such as BERT; use clm for decoders")

@@ -13,14 +13,16 @@ sides always share one prompt; if that is not enough, both are cut at the right.
 
 from __future__ import annotations
 
+from ..data.formats import PREFERENCE_FORMATS, preference_pairs, split_format
+from ..data.templates import ChatFormat, TemplateError
+from ..data.tokenize import length_stats
 from ..errors import DataError
 from .common import Prepared
+from .sft import fit_length
 
 
 def encode_pair(chat, prompt: list[dict], chosen: str, rejected: str, max_length: int):
     """(chosen ids, chosen labels, rejected ids, rejected labels, prompt as used, what was cut or None)."""
-    from .sft import fit_length
-
     answers = {"chosen": chosen, "rejected": rejected}
     # fit the longer side first; the shorter one reuses its (possibly shortened) prompt
     first = max(answers, key=lambda k: len(answers[k]))
@@ -37,10 +39,6 @@ def encode_pair(chat, prompt: list[dict], chosen: str, rejected: str, max_length
 
 def prepare_pairs(splits, tokenizer, template: str, system: str | None, data, labels: bool = True) -> Prepared:
     """Every split's pairs tokenized; `labels` False keeps token ids only (a reward model scores whole texts)."""
-    from ..data.formats import PREFERENCE_FORMATS, preference_pairs, split_format
-    from ..data.templates import ChatFormat, TemplateError
-    from ..data.tokenize import length_stats
-
     chat = ChatFormat.build(tokenizer, template, system)
     examples, card, prompts = {}, {}, {}
     for name, part in splits.items():

@@ -4,7 +4,8 @@ answers, and PPO raises the reward while a per-token KL penalty keeps the policy
 Data: prompts only (`{"prompt": ...}` rows; plain `text` rows, every sft format (the last assistant turn
 dropped) and preference rows (their prompt) also work). Prompts render through the chat template exactly as sft renders them.
 
-The pieces, each a small function here (the loop is train/ppo.py, the reward sources rewards.py):
+The pieces, each a small function here (the loop is train/ppo.py; the reward's config rewards.py, its scorer
+built by the run layer in scorers.py):
   per-token rewards   -kl_coef * (log pi - log pi_ref) on every answer token, the score added at the last one
   gae                 advantages and returns (Schulman et al. 2016), gamma and lam
   policy_loss         the clipped surrogate, on whitened advantages
@@ -22,45 +23,20 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
+from ..data.formats import FormatError, _prompt_messages, row_error, split_format, to_conversation, to_preference
+from ..data.templates import ChatFormat, TemplateError
+from ..data.tokenize import length_stats
 from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
+from .rewards import RewardConfig
 
 HEAD = "causal-lm"
-METRICS = ("reward", "kl")
-MAIN_METRIC, MAIN_MODE = "reward", "max"
+METRICS = {"reward": "max", "kl": None}  # kl: some drift is the point; kl_bound warns when there is too much
+MAIN_METRIC = "reward"
 OWNS_STEP = True
 PROMPT_FORMATS = ("prompt", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
                   "sharegpt_preference")
-
-
-class RewardConfig(Section):
-    """Where the reward comes from: one of `run` (a classifier or reward-model run) or `function`."""
-
-    run: Optional[str] = None
-    """A finished run folder: a reward model (objective `reward`: its score is the reward) or a classifier
-    (objective `classify`: the probability or logit of `label`). In a staged config, `stage:<name>` names an
-    earlier stage's run."""
-    label: Optional[str] = None
-    """Classifier runs: the label whose probability (or logit) is the reward, e.g. `positive`."""
-    use: Literal["probability", "logit"] = "probability"
-    """Classifier runs: reward with the label's probability (0..1) or its raw logit."""
-    function: Optional[str] = None
-    """A Python function `module:function` taking (prompts, answers), two lists of strings, and returning one
-    float per answer; the module must be importable (on PYTHONPATH or in the working folder)."""
-    text: Literal["prompt_and_answer", "answer"] = "prompt_and_answer"
-    """What a classifier reads: the prompt followed by the answer (a continuation as a whole), or the answer alone."""
-    batch_size: int = Field(32, ge=1)
-    """Answers scored together by a reward or classifier model."""
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.run is None) == (self.function is None):
-            raise ValueError("objective.reward: give exactly one of run (a classifier or reward-model run folder) "
-                             "or function (module:function)")
-        if self.function is not None and ":" not in self.function:
-            raise ValueError(f"objective.reward.function: {self.function!r} is not of the form module:function")
-        return self
 
 
 class KLConfig(Section):
@@ -116,8 +92,6 @@ class Config(Section):
 
 
 def _prompt_of(row: dict, fmt: str) -> list[dict]:
-    from ..data.formats import FormatError, _prompt_messages, to_conversation, to_preference
-
     if fmt == "prompt":
         if "prompt" not in row:
             raise FormatError("missing prompt")
@@ -137,10 +111,6 @@ def shorten(conv: list[dict], words: int | None) -> list[dict]:
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.formats import FormatError, row_error, split_format
-    from ..data.templates import ChatFormat, TemplateError
-    from ..data.tokenize import length_stats
-
     chat = ChatFormat.build(tokenizer, cfg.template, cfg.system)
     longest = data.max_length - cfg.max_new_tokens
     if longest < 1:
@@ -168,11 +138,26 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
     return Prepared(examples, {}, card, chat=chat, prompts=prompts)
 
 
-def check(cfg: Config, model_config=None) -> None:
-    """Before any weights are read: the reward function imports, the reward run is a finished run."""
-    from .rewards import check_source
+UNUSED_TRAIN_SETTINGS = {
+    "eval_every": "it measures reward and KL on held-out prompts once, before and after training",
+    "early_stopping": "it trains for train.max_steps (or train.epochs) rollout steps",
+    "precision": "its rollouts and updates run in the weights' own dtype (see model.dtype)",
+}
 
-    check_source(cfg.reward)
+
+def check(run_cfg, methods) -> None:
+    """Settings of the shared loop that PPO's own loop does not take."""
+    if run_cfg.train.grad_accum != 1:
+        raise ValueError(f"train.grad_accum: {run_cfg.objective.kind} takes train.batch_size answers per step and "
+                         "updates on them in objective.minibatch pieces; it does not accumulate")
+    default = type(run_cfg.train)()
+    for key, why in UNUSED_TRAIN_SETTINGS.items():
+        # a value, not whether it was written: a saved run config spells out every default
+        if getattr(run_cfg.train, key) != getattr(default, key):
+            raise ValueError(f"train.{key}: {run_cfg.objective.kind} does not use it ({why}); remove it")
+    if methods.regime.ALTERS_TRAINING:
+        raise ValueError(f"regime.kind: {run_cfg.objective.kind} trains in its own loop, which takes no replay rows or "
+                         f"penalty (regime {run_cfg.regime.kind!r}); its KL penalty already holds it near the start")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,13 +34,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..data.collate import collate
 from ..errors import ConfigError
 from ..schema import Section
 from .common import Loss, Prepared
+from .pairs import prepare_pairs
+from .sft import fit_length
 
 HEAD = "sequence-classification"
-METRICS = ("accuracy", "margin", "loss")
-MAIN_METRIC, MAIN_MODE = "accuracy", "max"
+METRICS = {"accuracy": "max", "margin": "max", "loss": "min"}
+MAIN_METRIC = "accuracy"
 CHAT = True
 """Renders conversations with a chat template (kept with the trained tokenizer) though its head is no LM."""
 
@@ -57,7 +60,7 @@ class Config(Section):
     suggested 0.01); 0 turns it off."""
 
 
-def check(cfg: Config, model_config) -> None:
+def check_model(cfg: Config, model_config) -> None:
     """A reward model needs a sequence-classification class for this architecture."""
     from transformers import AutoModelForSequenceClassification
 
@@ -68,8 +71,6 @@ def check(cfg: Config, model_config) -> None:
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from .pairs import prepare_pairs
-
     prepared = prepare_pairs(splits, tokenizer, cfg.template, cfg.system, data, labels=False)
     prepared.model_kwargs = plan_kwargs(cfg)
     return prepared
@@ -134,9 +135,6 @@ def score(trained, prompts: list, answers: list[str], batch_size: int = 16) -> l
     Rendered with the run's chat template as training rendered them, cut to the run's data.max_length
     (the prompt shortened first, as in training), scored in batches of `batch_size`, in the order given.
     """
-    from ..data.collate import collate
-    from .sft import fit_length
-
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if getattr(trained.obj_cfg, "kind", None) != "reward" or trained.chat is None:

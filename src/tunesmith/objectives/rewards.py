@@ -1,24 +1,22 @@
-"""The reward a PPO run maximises: one float per (prompt, answer), from one of three sources.
+"""The reward an RL objective maximises: where it comes from (`RewardConfig`) and the helpers a scorer needs.
 
-  reward-model run   a finished run whose objective scores answers itself (`score(trained, prompts, answers)`,
-                     the `reward` objective)
-  classifier run     a finished `classify` run: the probability (or logit) of one label, e.g. `positive`
+One float per (prompt, answer), from one of three sources:
+  reward-model run   a finished run whose objective scores answers itself (`score(trained, prompts, answers)`)
+  classifier run     a finished classifier run: the probability (or logit) of one label, e.g. `positive`
   function           `module:function`, called with (prompts, answers), two lists of strings
 
-`load(cfg)` returns a callable (prompts, answers) -> list[float]: prompts are conversations (lists of
-messages), answers the decoded answers. A reward model reads the whole conversation, rendered with its own
-chat template; a classifier and a function read the text of the last prompt message (what was asked, or
-the text to continue).
+The scorer itself is built by the run layer (tunesmith/scorers.py: it loads finished runs) and passed in.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Literal, Optional
 
-import torch
+from pydantic import Field, model_validator
 
 from ..errors import ConfigError
+from ..schema import Section
 
 Scorer = Callable[[list[list[dict]], list[str]], list[float]]
 
@@ -40,64 +38,30 @@ def import_function(ref: str, where: str = "objective.reward.function") -> Score
     return fn
 
 
-def check_source(cfg) -> None:
-    """Before any weights are read: the function imports; a run folder exists and is finished."""
-    from .. import artifacts
+class RewardConfig(Section):
+    """Where the reward comes from: one of `run` (a classifier or reward-model run) or `function`."""
 
-    if cfg.function is not None:
-        import_function(cfg.function)
-        return
-    from pathlib import Path
+    run: Optional[str] = None
+    """A finished run folder: a reward model (objective `reward`: its score is the reward) or a classifier
+    (objective `classify`: the probability or logit of `label`). In a staged config, `stage:<name>` names an
+    earlier stage's run."""
+    label: Optional[str] = None
+    """Classifier runs: the label whose probability (or logit) is the reward, e.g. `positive`."""
+    use: Literal["probability", "logit"] = "probability"
+    """Classifier runs: reward with the label's probability (0..1) or its raw logit."""
+    function: Optional[str] = None
+    """A Python function `module:function` taking (prompts, answers), two lists of strings, and returning one
+    float per answer; the module must be importable (on PYTHONPATH or in the working folder)."""
+    text: Literal["prompt_and_answer", "answer"] = "prompt_and_answer"
+    """What a classifier reads: the prompt followed by the answer (a continuation as a whole), or the answer alone."""
+    batch_size: int = Field(32, ge=1)
+    """Answers scored together by a reward or classifier model."""
 
-    if cfg.run.startswith("stage:"):
-        return  # a staged config resolves it to the earlier stage's run folder before this is called
-    path = Path(cfg.run)
-    if not (path / artifacts.CONFIG).exists():
-        raise ConfigError(f"{path} is not a run folder (no {artifacts.CONFIG})", where="objective.reward.run",
-                          hint="train the reward model or classifier first, or fix the path")
-    if not artifacts.is_finished(path):
-        raise ConfigError(f"{path} is not a finished run (no {artifacts.SUMMARY})", where="objective.reward.run",
-                          hint="finish it with `tunesmith train CONFIG --resume`")
-
-
-def load(cfg, device, trust_remote_code: bool = False) -> Scorer:
-    if cfg.function is not None:
-        fn = import_function(cfg.function)
-        return lambda prompts, answers: [float(x) for x in fn(last_message(prompts), answers)]
-    from ..trained import load_trained
-
-    trained = load_trained(cfg.run, trust_remote_code=trust_remote_code)
-    trained.model.to(device)
-    if hasattr(trained.objective, "score"):  # a reward model scores (prompt, answer) pairs itself
-        return lambda prompts, answers: [float(x) for x in trained.objective.score(trained, prompts, answers,
-                                                                                   cfg.batch_size)]
-    if trained.objective.HEAD != "sequence-classification":
-        raise ConfigError(f"{cfg.run} is a {trained.objective.HEAD} run; a reward comes from a reward model or a "
-                          "classifier", where="objective.reward.run")
-    return classifier_scorer(trained, cfg, device)
-
-
-def classifier_scorer(trained, cfg, device) -> Scorer:
-    from ..data.tokenize import tokenize_texts
-
-    labels = trained.obj_cfg.labels
-    if cfg.label is None or cfg.label not in labels:
-        raise ConfigError(f"the classifier's labels are {', '.join(labels)}; "
-                          + ("name the one to reward" if cfg.label is None else f"{cfg.label!r} is not one of them"),
-                          where="objective.reward.label")
-    index, model, tokenizer = labels.index(cfg.label), trained.model, trained.tokenizer
-
-    @torch.no_grad()
-    def score(prompts: list[list[dict]], answers: list[str]) -> list[float]:
-        texts = answers if cfg.text == "answer" else [f"{p} {a}".strip() for p, a in zip(last_message(prompts), answers)]
-        out = []
-        for s in range(0, len(texts), cfg.batch_size):
-            ids, _ = tokenize_texts(tokenizer, texts[s:s + cfg.batch_size], trained.data_cfg.max_length)
-            enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-            logits = model(input_ids=enc["input_ids"].to(device),
-                           attention_mask=enc["attention_mask"].to(device)).logits.float()
-            picked = logits.softmax(-1)[:, index] if cfg.use == "probability" else logits[:, index]
-            out += picked.cpu().tolist()
-        return out
-
-    return score
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.run is None) == (self.function is None):
+            raise ValueError("objective.reward: give exactly one of run (a classifier or reward-model run folder) "
+                             "or function (module:function)")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"objective.reward.function: {self.function!r} is not of the form module:function")
+        return self

@@ -15,6 +15,10 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..data.collate import IGNORE_INDEX
+from ..data.formats import conversations, split_format
+from ..data.pack import pack
+from ..data.templates import ChatFormat, TemplateError
+from ..data.tokenize import length_stats
 from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
@@ -22,9 +26,10 @@ from .distill import DistillConfig
 from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
-METRICS = ("loss", "perplexity")
-GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "stop_rate", "new_tokens")
-MAIN_METRIC, MAIN_MODE = "loss", "min"
+METRICS = {"loss": "min", "perplexity": "min"}
+GENERATION_METRICS = {"rouge1": "max", "rouge2": "max", "rougeL": "max", "exact_match": "max", "stop_rate": "max",
+                      "new_tokens": None}  # longer answers are not better or worse in themselves
+MAIN_METRIC = "loss"
 
 
 class Config(Section):
@@ -47,8 +52,6 @@ class Config(Section):
 
 
 def chat_format(tokenizer, cfg: Config):
-    from ..data.templates import ChatFormat
-
     return ChatFormat.build(tokenizer, cfg.template, cfg.system)
 
 
@@ -84,11 +87,6 @@ def fit_length(chat, conv, turns: str, max_length: int) -> tuple[list[int], list
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    from ..data.formats import conversations, split_format
-    from ..data.pack import pack
-    from ..data.templates import ChatFormat, TemplateError
-    from ..data.tokenize import length_stats
-
     chat = chat_format(tokenizer, cfg)
     used_template = False
     examples, card, prompts = {}, {}, {}

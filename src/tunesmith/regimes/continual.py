@@ -24,9 +24,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from ..data.collate import collate
+from ..data.general import lm_examples, read_rows, texts_of
 from ..data.sources import Split
+from ..models.anatomy import head_parameters
+from ..objectives.lm import lm_losses
 from ..schema import Section
 
+ALTERS_TRAINING = True
 GENERAL = ["sample:wiki-demo", "sample:c4-demo"]
 
 
@@ -69,13 +74,24 @@ class Config(Section):
         return self
 
 
+def check(run_cfg, methods) -> None:
+    """A new classifier head has no pretrained loss (for EWC) and no labels in general text (for replay)."""
+    if methods.objective.HEAD != "sequence-classification":
+        return
+    cfg = run_cfg.regime
+    if cfg.penalty.kind == "ewc":
+        raise ValueError("regime.penalty.kind: ewc weighs weights by the starting model's own loss on "
+                         "general text, which a new classifier head does not have; use l2sp")
+    if cfg.replay.fraction > 0 and "data" not in cfg.replay.model_fields_set:
+        raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
+                         "labels); the default general text has no labels, so name the rows to replay")
+
+
 def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict[str, Split]:
     """The `replay` split: round(n * f / (1 - f)) rows drawn with the seed, so they are the fraction f
     of train + replay. Fewer are used when the sources hold fewer."""
     if cfg.replay.fraction == 0:
         return {}
-    from ..data.general import read_rows
-
     pool = read_rows(cfg.replay.data, cfg.replay.split, where="regime.replay.data")
     want = round(train_rows * cfg.replay.fraction / (1 - cfg.replay.fraction))
     if want > len(pool.rows):
@@ -117,8 +133,6 @@ class Anchor:
 
 def anchored_parameters(model, head: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Trainable parameters with a meaningful starting value: all but a newly initialised classifier head."""
-    from ..models.anatomy import head_parameters
-
     new = {id(p) for p in head_parameters(model)} if head == "sequence-classification" else set()
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in new]
 
@@ -139,10 +153,6 @@ def make_penalty(cfg: Config, model, head: str, tokenizer, device, log=print) ->
 def fisher_diagonal(model, params, pen: PenaltyConfig, head: str, tokenizer, device) -> dict[str, torch.Tensor]:
     """Mean squared per-example gradient of the language-model loss on general text (the empirical
     Fisher), scaled to mean 1 over all anchored weights. Eval mode: no dropout noise in the estimate."""
-    from ..data.collate import collate
-    from ..data.general import lm_examples, read_rows, texts_of
-    from ..objectives.lm import lm_losses
-
     part = read_rows(pen.fisher_data, "train", where="regime.penalty.fisher_data")
     examples = lm_examples(tokenizer, texts_of(part, "regime.penalty.fisher_data"), pen.fisher_max_length, head)
     examples = examples[:pen.fisher_rows]

@@ -37,7 +37,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from ..data.checks import Report, check_card, check_rows
 from ..errors import TunesmithError
+from ..objectives import DEFAULT as DEFAULT_OBJECTIVE
+from ..objectives import OBJECTIVES
+from ..objectives.common import Loss, Prepared
 from ..schema import Section
 from .tasks import TaskConfig, check_tasks, load_task_splits
 
@@ -62,8 +66,6 @@ class Config(Section):
     @model_validator(mode="after")
     def _tasks_fit(self):
         check_tasks(self.tasks, least=2)
-        from ..objectives import OBJECTIVES
-
         for i, task in enumerate(self.tasks):
             objective = OBJECTIVES[task.objective.kind]
             if objective.HEAD != "sequence-classification" or getattr(objective, "OWNS_STEP", False):
@@ -79,9 +81,9 @@ class Config(Section):
 
 
 def check(run_cfg, methods=None) -> None:
-    """Rules across sections, at config validation."""
-    if run_cfg.objective.kind != "classify" or getattr(run_cfg.objective, "distill", None) is not None \
-            or getattr(run_cfg.objective, "labels", None):
+    """Rules across sections, at config validation: the tasks carry the objectives, so the top level's is the
+    default, untouched."""
+    if run_cfg.objective != OBJECTIVES[DEFAULT_OBJECTIVE].Config():
         raise ValueError("objective: a multitask run takes each task's objective from regime.tasks[i].objective; "
                          "leave the top-level objective out")
     if run_cfg.train.early_stopping.metric is not None:
@@ -113,10 +115,6 @@ class TaskHead:
 def prepare(run_cfg, tokenizer):
     """(Prepared, Report) over all tasks: examples carry their `task` index and labels offset into the task's
     rows of the classifier; the data card and the checks' findings are per task."""
-    from ..data.checks import Report, check_card, check_rows
-    from ..objectives import OBJECTIVES
-    from ..objectives.common import Prepared
-
     cfg, seed = run_cfg.regime, run_cfg.train.seed
     report = Report()
     splits = []
@@ -158,8 +156,6 @@ def _adopt(report, other, prefix: str, task: str) -> None:
 def _cross_task_leakage(tasks, splits: list[dict], report) -> list[dict]:
     """Task A's validation and test rows that reappear in task B's train, under task A's leakage policy (a drop
     removes the copies from B's train: held-out rows never change)."""
-    from ..data.checks import check_rows
-
     out = [dict(s) for s in splits]
     for a, task in enumerate(tasks):
         leak_only = task.data.checks.model_copy(update={"duplicates": "off", "empty": "off"})
@@ -212,7 +208,7 @@ def schedule(task_ids: list[int], lengths: list[int], cfg: Config, batch_size: i
     """One epoch's batches of example indices, each from one task, tasks drawn in the configured shares.
 
     within(lengths, batch_size, seed, epoch, group_by_length) -> batches: how one task's rows are batched (the
-    loop's own shuffled, length-grouped batching, `train.batches.train_batches`, passed in by the run layer)."""
+    loop's own shuffled, length-grouped batching, `data.batches.train_batches`, passed in by the run layer)."""
     n_tasks = max(task_ids) + 1
     members = [[i for i, t in enumerate(task_ids) if t == k] for k in range(n_tasks)]
     own = [-(-len(m) // batch_size) for m in members]  # each task's batches per pass over its rows
@@ -264,12 +260,10 @@ class MultiTask:
 
     def __init__(self, task_module, heads: list[TaskHead], watch: str):
         self.task, self.heads = task_module, heads
-        main = _direction(task_module, task_module.MAIN_METRIC)
-        per = {f"{h.name}/{m}": _direction(task_module, m) for h in heads for m in task_module.METRICS}
-        per[MEAN] = main  # a mean of main metrics is better in their direction
-        self.METRICS = per if isinstance(task_module.METRICS, dict) else tuple(per)
+        per = {f"{h.name}/{m}": d for h in heads for m, d in task_module.METRICS.items()}
+        per[MEAN] = task_module.METRICS[task_module.MAIN_METRIC]  # a mean of main metrics: better in their direction
+        self.METRICS = per
         self.MAIN_METRIC = MEAN if watch == "mean" else f"{watch}/{task_module.MAIN_METRIC}"
-        self.MAIN_MODE = main
 
     def _logits(self, model, batch) -> torch.Tensor:
         """Logits with every column outside the row's task at -inf: softmax and argmax stay within its head."""
@@ -281,8 +275,6 @@ class MultiTask:
         return logits.masked_fill(~inside, float("-inf"))
 
     def loss(self, model, batch, cfg):
-        from ..objectives.common import Loss
-
         total = F.cross_entropy(self._logits(model, batch), batch["labels"], reduction="sum")
         return Loss(total, batch["labels"].numel())
 
@@ -315,15 +307,6 @@ class MultiTask:
                       for split, m in (base or {}).items()}
             out[head.name] = {**mine, "base": theirs or None, "labels": head.labels}
         return out
-
-
-def _direction(task_module, metric: str):
-    """"max" or "min": from a {metric: direction} table, else from the module's MAIN_MODE and loss names."""
-    if isinstance(task_module.METRICS, dict):
-        return task_module.METRICS[metric]
-    if metric == task_module.MAIN_METRIC:
-        return task_module.MAIN_MODE
-    return "min" if metric in ("loss", "perplexity") else "max"
 
 
 def wrap_objective(objective, cfg: Config, prepared):

@@ -6,6 +6,8 @@ from typing import Literal
 
 from ..schema import Section
 
+ALTERS_TRAINING = False
+
 
 class Config(Section):
     kind: Literal["single"] = "single"

@@ -22,7 +22,9 @@ from typing import Annotated, Any, Union
 from pydantic import Field, field_validator
 
 from ..data.config import DataConfig
+from ..data.load import load_splits
 from ..errors import DataError, TunesmithError
+from ..objectives import DEFAULT as DEFAULT_OBJECTIVE
 from ..objectives import OBJECTIVES
 from ..schema import Section
 
@@ -40,7 +42,7 @@ class TaskConfig(Section):
     """The task's name: metric keys (`<name>/accuracy`), `--task <name>` of predict and eval."""
     data: DataConfig
     """The task's data, as the top-level `data:` section of a single run (its own splits, columns, checks)."""
-    objective: _objective_union() = Field(default_factory=lambda: OBJECTIVES["classify"].Config())
+    objective: _objective_union() = Field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].Config())
     """What is optimised on this task (`kind`: classify, ...); default classify."""
 
     @field_validator("objective", mode="before")
@@ -76,8 +78,6 @@ def task_where(i: int, where: str | None, prefix: str = "regime.tasks") -> str:
 
 def load_task_splits(task: TaskConfig, i: int, seed: int, prefix: str = "regime.tasks") -> dict:
     """The task's train/validation/test splits (`data.load.load_splits`), every error naming the task."""
-    from ..data.load import load_splits
-
     for key in ("train", "validation", "test"):
         ref = getattr(task.data, key)
         if ref and not ref.startswith("sample:") and not Path(ref).expanduser().exists():

@@ -2,12 +2,17 @@
 
 Weights are safetensors. Optimizer and RNG state are torch files read back with
 `weights_only=True` (tensors and plain containers only, no arbitrary objects). A checkpoint is
-written to a temporary folder and swapped in whole, so a kill mid-write leaves the previous one.
+written to a temporary folder, each file fsynced and its sha256 recorded in `checksums.json`, then
+renamed into place; the one before it is kept as `previous/`. A kill mid-write leaves the previous
+one; a damaged latest one (a bad disk, a copy cut short) is noticed by its checksums on --resume,
+which then continues from the one before, saying so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -15,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-LAST, BEST = "last", "best.safetensors"
+LAST, PREVIOUS, BEST, CHECKSUMS = "last", "previous", "best.safetensors", "checksums.json"
+MID_SWAP = ".last-old"  # where `last` briefly is while a new one is renamed in (older runs: their only spare)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -46,26 +52,91 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to the disk, so a rename after it never points at unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(folder: Path, model, optimizer, scheduler, loop_state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp, old, final = folder / ".last-tmp", folder / ".last-old", folder / LAST
+    tmp, old, final, previous = folder / ".last-tmp", folder / MID_SWAP, folder / LAST, folder / PREVIOUS
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
+    sums = {}
+    for f in ("trainable.safetensors", "optimizer.pt", "state.json"):
+        _fsync(tmp / f)
+        sums[f] = _sha256(tmp / f)
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    _fsync(tmp / CHECKSUMS)
+    _fsync(tmp)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync(folder)
+    if old.exists():  # the checkpoint before this one stays as the fallback
+        shutil.rmtree(previous, ignore_errors=True)
+        old.rename(previous)
+        _fsync(folder)
 
 
-def find(folder: Path) -> Path | None:
-    """The newest complete checkpoint (also one left mid-swap by a kill)."""
-    for name in (LAST, ".last-old"):
-        if (folder / name / "state.json").exists():
-            return folder / name
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted, or None if it is whole (its checksums match; a
+    checkpoint from before checksums were recorded: its state reads and its weights header is whole)."""
+    sums_file = path / CHECKSUMS
+    try:
+        if sums_file.exists():
+            sums = json.loads(sums_file.read_text())
+            for name, digest in sums.items():
+                if not (path / name).is_file():
+                    return f"{name} is missing"
+                if _sha256(path / name) != digest:
+                    return f"{name} does not match its checksum"
+            return None if {"trainable.safetensors", "optimizer.pt", "state.json"} <= set(sums) else "incomplete"
+        json.loads((path / "state.json").read_text())
+        from ..models.load import check_safetensors
+
+        check_safetensors(path / "trainable.safetensors")
+        return None if (path / "optimizer.pt").is_file() else "optimizer.pt is missing"
+    except Exception as e:  # noqa: BLE001 - any failure to read it means it is not usable
+        return f"unreadable ({getattr(e, 'message', None) or type(e).__name__})"
+
+
+def find(folder: Path, say=print) -> Path | None:
+    """The newest whole checkpoint: `last`, else (damaged, or mid-swap after a kill) the one before it; a
+    damaged one is reported through `say`. None if there is no checkpoint; an error if none is whole."""
+    damaged = []
+    for name in (LAST, MID_SWAP, PREVIOUS):
+        path = folder / name
+        if not path.is_dir():
+            continue
+        problem = damage(path)
+        if problem is None:
+            for bad, why in damaged:
+                say(f"warning: checkpoint {bad} is damaged ({why}); resuming from the one before it, {path}")
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        from ..errors import TunesmithError
+
+        raise TunesmithError("no whole checkpoint to resume from: " +
+                             "; ".join(f"{p.name} {why}" for p, why in damaged), where=str(folder),
+                             hint="start over with --force")
     return None
 
 

@@ -20,18 +20,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..axes import better
+from ..data.batches import shard, train_batches
 from ..data.collate import collate
 from ..errors import TunesmithError
 from ..evaluate.score import evaluate
+from ..progress import Progress
 from . import checkpoint
-from .batches import shard, train_batches
-from .progress import Progress
 from .schedule import make_scheduler
-
-LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 class TrainingDiverged(TunesmithError):
@@ -87,10 +87,57 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _better(value: float, best: float | None, metric: str, min_delta: float) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if metric in LOWER_IS_BETTER else value > best + min_delta
+def resume_state(state_cls, ckpt_dir: Path, log: MetricsLog, model, optimizer, scheduler, resume: bool, say,
+                 main: bool = True):
+    """The loop state to start from: the latest checkpoint's (weights, optimizer, schedule and RNG restored, the
+    metrics log cut back to its step) under `--resume`, else a fresh one. Shared by every stepper's loop."""
+    if resume and (found := checkpoint.find(ckpt_dir)) is not None:
+        state = state_cls(**checkpoint.load(found, model, optimizer, scheduler))
+        if main:
+            log.truncate_after(state.step)
+        say(f"resuming from step {state.step}" + (f" (epoch {state.epoch})" if hasattr(state, "epoch") else ""))
+        return state
+    if resume:
+        say("no checkpoint found; starting from the beginning")
+    return None
+
+
+@dataclass
+class Fit:
+    """What one supervised training run carries from step to step: the model, its optimizer and schedule, the
+    resumable state, the metrics log and what early stopping watches."""
+
+    model: object
+    objective: object
+    obj_cfg: object
+    examples: list[dict]
+    val_examples: list[dict] | None
+    cfg: object
+    pad_id: int
+    accelerator: object
+    penalty: object
+    optimizer: object
+    scheduler: object
+    trainable: list
+    lengths: list[int]
+    epoch_batches: Callable[[int], list[list[int]]]
+    """epoch -> micro-batches of example indices, before sharding."""
+    total: int
+    steps_per_epoch: int
+    ckpt_dir: Path
+    log: MetricsLog
+    state: LoopState
+    watch: str
+    direction: str | None
+    progress: Progress
+    window_loss: float = 0.0
+    window_count: float = 0.0
+    """Training loss summed since the last metrics line."""
+    last_eval_step: int = -1
+
+    @property
+    def use_val(self) -> bool:
+        return bool(self.val_examples)
 
 
 def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: list[dict] | None, cfg,
@@ -102,6 +149,26 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
              shares); a pure function of the epoch, so --resume rebuilds the same order. Default: shuffled,
              grouped by length.
     """
+    run = _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id, run_dir, accelerator, resume,
+                 penalty, batches)
+    state = run.state
+    run.model.train()
+    while state.step < run.total and not state.stopped_early:
+        windows = _windows(run, state.epoch)
+        for window in windows[state.window:]:
+            _optimizer_step(run, window, len(windows))
+            evaluated = _evaluate_when_due(run, len(windows))
+            if (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and evaluated):
+                _save_checkpoint(run)
+            if state.stopped_early or state.step >= run.total:
+                break
+    run.progress.close()
+    return _summary(run, _restore_best(run))
+
+
+def _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id, run_dir, accelerator, resume,
+           penalty, batches=None) -> Fit:
+    """Batches per epoch and total steps, the optimizer and schedule, the state (fresh or resumed)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [len(e["input_ids"]) for e in train_examples]
     epoch_batches = batches or (lambda epoch: train_batches(lengths, cfg.batch_size, cfg.seed, epoch,
@@ -119,128 +186,145 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     ckpt_dir, log = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
-    state = LoopState()
-    if resume and (found := checkpoint.find(ckpt_dir)) is not None:
-        state = LoopState(**checkpoint.load(found, accelerator.unwrap_model(model), optimizer, scheduler))
-        if accelerator.is_main_process:
-            log.truncate_after(state.step)
-        accelerator.print(f"resuming from step {state.step} (epoch {state.epoch})")
-    elif resume:
-        accelerator.print("no checkpoint found; starting from the beginning")
-
-    es = cfg.early_stopping
-    watch = es.metric or objective.MAIN_METRIC
-    use_val = bool(val_examples)
-    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+    state = resume_state(LoopState, ckpt_dir, log, accelerator.unwrap_model(model), optimizer, scheduler, resume,
+                         accelerator.print, accelerator.is_main_process) or LoopState()
+    watch = cfg.early_stopping.metric or objective.MAIN_METRIC
+    direction = objective.METRICS[watch]  # the objective's own: "min" for a loss or an error, "max" for a score
     progress = Progress(total, state.step, enabled=accelerator.is_main_process)
-    window_loss = window_count = 0.0
-    last_eval_step = state.evals[-1]["step"] if state.evals else -1
+    return Fit(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id, accelerator, penalty, optimizer,
+               scheduler, trainable, lengths, epoch_batches, total, steps_per_epoch, ckpt_dir, log, state, watch,
+               direction, progress,
+               last_eval_step=state.evals[-1]["step"] if state.evals else -1)
 
-    def run_eval() -> bool:
-        """Evaluate on validation; update early stopping; True if training should stop."""
-        nonlocal last_eval_step
-        last_eval_step = state.step
-        scores = evaluate(model, objective, obj_cfg, val_examples, eval_bs, pad_id, accelerator, "validation")
-        if state.since_eval_count:
-            scores["train_loss"] = state.since_eval_loss / state.since_eval_count
-        state.since_eval_loss = state.since_eval_count = 0.0
-        state.evals.append({"step": state.step, **scores})
-        if accelerator.is_main_process:
-            log.write(step=state.step, split="validation", **scores)
-        if watch not in scores:
-            raise TunesmithError(f"early stopping watches {watch!r}, which evaluation did not report "
-                                 f"(reported: {', '.join(scores)})", where="train.early_stopping.metric")
-        if _better(scores[watch], state.best, watch, es.min_delta):
-            state.best, state.best_step, state.bad_evals = scores[watch], state.step, 0
-            if es.enabled and accelerator.is_main_process:
-                checkpoint.save_best(ckpt_dir, accelerator.unwrap_model(model))
-        else:
-            state.bad_evals += 1
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "train_loss")
-        accelerator.print(f"step {state.step}: validation {shown}")
-        return es.enabled and state.bad_evals >= es.patience
 
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoint.save(ckpt_dir, accelerator.unwrap_model(model), optimizer, scheduler, state.__dict__)
+def _windows(run: Fit, epoch: int) -> list[list[list[int]]]:
+    """This process's micro-batches of an epoch, grouped into accumulation windows (one optimizer step each)."""
+    cfg, acc = run.cfg, run.accelerator
+    batches = shard(run.epoch_batches(epoch), acc.process_index, acc.num_processes)
+    return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
 
-    model.train()
-    while state.step < total and not state.stopped_early:
-        order = shard(epoch_batches(state.epoch), rank, world)
-        windows = [order[i:i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
-        for window in windows[state.window:]:
-            tick = time.perf_counter()
-            loss_sum, count = _step(model, objective, obj_cfg, train_examples, window, pad_id, accelerator, trainable,
-                                    penalty)
-            if not math.isfinite(loss_sum):
-                raise TrainingDiverged(
-                    f"the training loss became {loss_sum} at step {state.step + 1}",
-                    hint="lower train.lr or set train.max_grad_norm; the last good checkpoint is kept under "
-                         f"{ckpt_dir} (continue from it with --resume after changing the config)",
-                )
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.window += 1
-            state.examples += sum(len(b) for b in window) * world
-            state.tokens += sum(lengths[i] for b in window for i in b) * world
-            state.seconds += time.perf_counter() - tick
-            window_loss, window_count = window_loss + loss_sum, window_count + count
-            state.since_eval_loss += loss_sum
-            state.since_eval_count += count
-            progress.update(1, loss=f"{loss_sum / max(count, 1):.4f}")
 
-            if state.step % cfg.log_every == 0 or state.step == total:
-                record = {
-                    "step": state.step,
-                    "epoch": round(state.epoch + state.window / len(windows), 4),
-                    "loss": window_loss / max(window_count, 1),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "examples_per_s": state.examples / max(state.seconds, 1e-9),
-                }
-                if penalty is not None:
-                    record["penalty"] = penalty.value()
-                if accelerator.is_main_process:
-                    log.write(**record)
-                progress.line(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                              rate=f"{record['examples_per_s']:.1f}ex/s")
-                window_loss = window_count = 0.0
+def _optimizer_step(run: Fit, window: list[list[int]], n_windows: int) -> None:
+    """Forward and backward over one window, the NaN stop, clipping, the step, the counters and the log line."""
+    state, cfg, acc = run.state, run.cfg, run.accelerator
+    tick = time.perf_counter()
+    loss_sum, count = _step(run.model, run.objective, run.obj_cfg, run.examples, window, run.pad_id, acc,
+                            run.trainable, run.penalty)
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(
+            f"the training loss became {loss_sum} at step {state.step + 1}",
+            hint="lower train.lr or set train.max_grad_norm; the last good checkpoint is kept under "
+                 f"{run.ckpt_dir} (continue from it with --resume after changing the config)",
+        )
+    grad_norm = acc.clip_grad_norm_(run.trainable, cfg.max_grad_norm or float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    world = acc.num_processes
+    state.step += 1
+    state.window += 1
+    state.examples += sum(len(b) for b in window) * world
+    state.tokens += sum(run.lengths[i] for b in window for i in b) * world
+    state.seconds += time.perf_counter() - tick
+    run.window_loss, run.window_count = run.window_loss + loss_sum, run.window_count + count
+    state.since_eval_loss += loss_sum
+    state.since_eval_count += count
+    run.progress.update(1, loss=f"{loss_sum / max(count, 1):.4f}")
+    if state.step % cfg.log_every == 0 or state.step == run.total:
+        _log_line(run, grad_norm, n_windows)
 
-            evaluated = False
-            if use_val and isinstance(cfg.eval_every, int) and state.step % cfg.eval_every == 0:
-                state.stopped_early = run_eval()
-                evaluated = True
-            if state.window == len(windows):  # end of epoch
-                state.epoch, state.window = state.epoch + 1, 0
-                if use_val and cfg.eval_every == "epoch":
-                    state.stopped_early = run_eval()
-                    evaluated = True
-            if use_val and state.step == total and last_eval_step != state.step:
-                state.stopped_early = run_eval() or state.stopped_early
-                evaluated = True
-            if (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and evaluated):
-                save_checkpoint()
-            if state.stopped_early or state.step >= total:
-                break
-    progress.close()
 
-    restored = False
-    accelerator.wait_for_everyone()  # the main process may still be writing the best weights
-    if use_val and es.enabled and state.best_step is not None and state.best_step != state.step:
-        restored = checkpoint.restore_best(ckpt_dir, accelerator.unwrap_model(model))
-        if restored:
-            accelerator.print(f"restored the best checkpoint (step {state.best_step}, {watch} {state.best:.4f})")
+def _log_line(run: Fit, grad_norm, n_windows: int) -> None:
+    state = run.state
+    record = {
+        "step": state.step,
+        "epoch": round(state.epoch + state.window / n_windows, 4),
+        "loss": run.window_loss / max(run.window_count, 1),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "examples_per_s": state.examples / max(state.seconds, 1e-9),
+    }
+    if run.penalty is not None:
+        record["penalty"] = run.penalty.value()
+    if run.accelerator.is_main_process:
+        run.log.write(**record)
+    run.progress.line(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", rate=f"{record['examples_per_s']:.1f}ex/s")
+    run.window_loss = run.window_count = 0.0
+
+
+def _evaluate_when_due(run: Fit, n_windows: int) -> bool:
+    """Evaluate every `eval_every` steps, at each epoch's end (`eval_every: epoch`) and at the last step; moves
+    the epoch counter on at its end. True if an evaluation ran."""
+    state, cfg = run.state, run.cfg
+    evaluated = False
+    if run.use_val and isinstance(cfg.eval_every, int) and state.step % cfg.eval_every == 0:
+        state.stopped_early = _evaluate(run)
+        evaluated = True
+    if state.window == n_windows:  # end of epoch
+        state.epoch, state.window = state.epoch + 1, 0
+        if run.use_val and cfg.eval_every == "epoch":
+            state.stopped_early = _evaluate(run)
+            evaluated = True
+    if run.use_val and state.step == run.total and run.last_eval_step != state.step:
+        state.stopped_early = _evaluate(run) or state.stopped_early
+        evaluated = True
+    return evaluated
+
+
+def _evaluate(run: Fit) -> bool:
+    """Evaluate on validation; update early stopping (keeping the best weights); True if training should stop."""
+    state, acc, es = run.state, run.accelerator, run.cfg.early_stopping
+    run.last_eval_step = state.step
+    eval_bs = run.cfg.eval_batch_size or 2 * run.cfg.batch_size
+    scores = evaluate(run.model, run.objective, run.obj_cfg, run.val_examples, eval_bs, run.pad_id, acc, "validation")
+    if state.since_eval_count:
+        scores["train_loss"] = state.since_eval_loss / state.since_eval_count
+    state.since_eval_loss = state.since_eval_count = 0.0
+    state.evals.append({"step": state.step, **scores})
+    if acc.is_main_process:
+        run.log.write(step=state.step, split="validation", **scores)
+    if run.watch not in scores:
+        raise TunesmithError(f"early stopping watches {run.watch!r}, which evaluation did not report "
+                             f"(reported: {', '.join(scores)})", where="train.early_stopping.metric")
+    if better(run.direction, scores[run.watch], state.best, es.min_delta):
+        state.best, state.best_step, state.bad_evals = scores[run.watch], state.step, 0
+        if es.enabled and acc.is_main_process:
+            checkpoint.save_best(run.ckpt_dir, acc.unwrap_model(run.model))
+    else:
+        state.bad_evals += 1
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "train_loss")
+    acc.print(f"step {state.step}: validation {shown}")
+    return es.enabled and state.bad_evals >= es.patience
+
+
+def _save_checkpoint(run: Fit) -> None:
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        checkpoint.save(run.ckpt_dir, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler,
+                        run.state.__dict__)
+
+
+def _restore_best(run: Fit) -> bool:
+    state, acc = run.state, run.accelerator
+    acc.wait_for_everyone()  # the main process may still be writing the best weights
+    if not (run.use_val and run.cfg.early_stopping.enabled and state.best_step is not None
+            and state.best_step != state.step):
+        return False
+    restored = checkpoint.restore_best(run.ckpt_dir, acc.unwrap_model(run.model))
+    if restored:
+        acc.print(f"restored the best checkpoint (step {state.best_step}, {run.watch} {state.best:.4f})")
+    return restored
+
+
+def _summary(run: Fit, restored: bool) -> dict:
+    state = run.state
     return {
         "steps": state.step,
-        "total_steps": total,
-        "epochs": round(state.step / steps_per_epoch, 3),
+        "total_steps": run.total,
+        "epochs": round(state.step / run.steps_per_epoch, 3),
         "stopped_early": state.stopped_early,
         "best_step": state.best_step,
-        "best_metric": {watch: state.best} if state.best is not None else None,
+        "best_metric": {run.watch: state.best} if state.best is not None else None,
         "restored_best": restored,
         "train_seconds": round(state.seconds, 2),
         "examples_per_s": round(state.examples / max(state.seconds, 1e-9), 2),

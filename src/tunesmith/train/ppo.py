@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from ..config import GenerateConfig
+from ..errors import TunesmithError
 from ..evaluate.generation import Generation, generate
 from ..objectives import ppo
 from . import checkpoint
-from .loop import MetricsLog, TrainingDiverged, param_groups
-from .progress import Progress
+from .loop import MetricsLog, TrainingDiverged, param_groups, resume_state
+from ..progress import Progress
 from .schedule import make_scheduler
 
 LOGGED = ("score", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "policy_loss", "approx_kl", "answer_tokens",
@@ -176,8 +177,6 @@ def fit(*, pv: PolicyAndValue, reference, scorer, chat, prompts: list[dict], pro
         cfg, run_dir: Path, resume: bool = False, say=print) -> dict:
     """Train `pv` in place for train.max_steps PPO steps (or train.epochs passes over the prompts, each step
     taking train.batch_size of them); returns a summary of the training."""
-    from ..errors import TunesmithError
-
     per_epoch = len(prompt_ids) // cfg.batch_size
     if per_epoch == 0:
         raise TunesmithError(f"train has {len(prompt_ids)} prompts, fewer than one rollout batch",
@@ -187,13 +186,8 @@ def fit(*, pv: PolicyAndValue, reference, scorer, chat, prompts: list[dict], pro
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup, total * updates_per_step(cfg.batch_size, obj))
     controller = ppo.KLController(obj.kl)
     ckpt_dir, log = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
-    state = PPOState(kl_coef=controller.value)
-    if resume and (found := checkpoint.find(ckpt_dir)) is not None:
-        state = PPOState(**checkpoint.load(found, pv, optimizer, scheduler))
-        log.truncate_after(state.step)
-        say(f"resuming from step {state.step}")
-    elif resume:
-        say("no checkpoint found; starting from the beginning")
+    state = resume_state(PPOState, ckpt_dir, log, pv, optimizer, scheduler, resume, say) or \
+        PPOState(kl_coef=controller.value)
     controller.value = state.kl_coef
     convs = [p["messages"] for p in prompts]
     save_every = cfg.save_every or cfg.log_every

@@ -18,3 +18,9 @@ TUNINGS = {
     "prompt": prompt,
     "adapter": adapter,
 }
+
+DEFAULT = "lora"
+"""The tuning of a config that names none."""
+
+PLAN_BASELINE = lora
+"""`tunesmith plan` sets every run beside full fine-tuning and this low-rank method (plain and 4-bit)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -28,11 +29,14 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
 from . import targets as targeting
 from .common import check_head
 
 MERGEABLE = False
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 WEIGHTS, DESCRIPTION = "adapters.safetensors", "adapters.json"
 
 # model_type -> (attention output projection, feed-forward output projection), relative to a block
@@ -71,6 +75,10 @@ class Config(Section):
 class Bottleneck(nn.Module):
     """y -> y + up(f(down(y))); `up` starts at zero."""
 
+    NOT_MERGEABLE = ("bottleneck adapters have a non-linearity between their two layers, so they cannot be folded "
+                     "into a weight matrix")
+    """Why `export --format merged` refuses a model holding this module (read by export/merge.py)."""
+
     def __init__(self, hidden: int, bottleneck: int, activation: str):
         super().__init__()
         self.down = nn.Linear(hidden, bottleneck)
@@ -105,10 +113,6 @@ def disabled(model):
             m.enabled = True
 
 
-def has_adapters(model) -> bool:
-    return any(isinstance(m, Bottleneck) for m in model.modules())
-
-
 def sublayers(cfg: Config, model_type: str) -> list[str]:
     """The block-relative names adapters follow, for this placement and architecture."""
     known = SUBLAYERS.get(model_type, (None, None))
@@ -126,7 +130,7 @@ def _hidden(config) -> int:
     return getattr(config, "hidden_size", None) or getattr(config, "dim", None) or getattr(config, "n_embd")
 
 
-def check(cfg: Config, model_config, head: str) -> None:
+def check_model(cfg: Config, model_config, head: str) -> None:
     check_head(head, cfg.train_head)
     sublayers(cfg, model_config.model_type)
     if cfg.reduction_factor > _hidden(model_config):
@@ -138,8 +142,6 @@ def check(cfg: Config, model_config, head: str) -> None:
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
-    from ..models.anatomy import blocks, head_parameters
-
     for p in model.parameters():
         p.requires_grad_(False)
     _, stack = blocks(model)
@@ -158,6 +160,8 @@ def apply(model, cfg: Config, head: str, tokenizer=None):
     if cfg.train_head and head == "sequence-classification":
         for p in head_parameters(model):
             p.requires_grad_(True)
+    # the same switch as a peft model's, so a DPO or PPO reference uses it without knowing this tuning
+    model.disable_adapter = partial(disabled, model)
     return model
 
 
@@ -178,13 +182,11 @@ def save(run_dir: Path, model, tokenizer) -> str:
     return out.name
 
 
-def load(cfg, weights: Path, head: str, model_kwargs: dict, pad_token_id: int | None = None):
-    """The base, the same adapters on it, and the saved tensors in them."""
+def load(cfg: Config, weights: Path, head: str, base):
+    """The same adapters on `base` (loaded by the caller), and the saved tensors in them."""
     from safetensors.torch import load_file
 
-    from .common import load_base
-
-    model = apply(load_base(cfg, head, model_kwargs, torch.float32, pad_token_id), cfg.tuning, head)
+    model = apply(base, cfg, head)
     saved = load_file(weights / WEIGHTS)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+from . import lora
 from .common import wrap
-from .lora import LowRank, check, peft_config  # noqa: F401  (check: the same combinations as LoRA)
+from .lora import LowRank, check_model, peft_config  # noqa: F401  (check_model: the same combinations as LoRA)
 
 MERGEABLE = True
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(LowRank):
@@ -23,3 +26,7 @@ class Config(LowRank):
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
     return wrap(model, peft_config(model, cfg, head, use_dora=True), head)
+
+
+def trainable_count(base, cfg: Config, head_params: int) -> int:
+    return lora.trainable_count(base, cfg, head_params, magnitude=True)

@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from ..errors import ConfigError
+from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
 
 MERGEABLE = True  # the trained weights already are a plain model
+TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
+HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm"})
 
 
 class Config(Section):
@@ -26,18 +30,24 @@ class Config(Section):
     also_train: list[str] = []
     """Regular expressions; parameters whose names match also train (e.g. `pooler`, `norm`)."""
 
+    @field_validator("also_train")
+    @classmethod
+    def _patterns(cls, v):
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"entry {i}, {pattern!r}, is not a regular expression ({e})") from None
+        return v
+
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
-    from ..models.anatomy import blocks, head_parameters
-
     for p in model.parameters():
         p.requires_grad_(False)
     named = dict(model.named_parameters())
     if cfg.train_last:
         prefix, layers = blocks(model)
         if cfg.train_last > len(layers):
-            from ..errors import ConfigError
-
             raise ConfigError(
                 f"train_last={cfg.train_last} but the model has only {len(layers)} blocks",
                 where="tuning.train_last",
@@ -54,7 +64,5 @@ def apply(model, cfg: Config, head: str, tokenizer=None):
         if any(pat.search(name) for pat in patterns):
             p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        from ..errors import ConfigError
-
         raise ConfigError("nothing would train", where="tuning", hint="set train_head: true or train_last > 0")
     return model

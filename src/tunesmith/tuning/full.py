@@ -11,6 +11,8 @@ from typing import Literal
 from ..schema import Section
 
 MERGEABLE = True  # the trained weights already are a plain model
+TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
+HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm"})
 
 
 class Config(Section):

@@ -16,6 +16,8 @@ from . import targets as targeting
 from .common import check_head, head_to_train, wrap
 
 MERGEABLE = True
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(Section):
@@ -44,7 +46,7 @@ def _defaults(model_type: str) -> tuple[list[str], list[str]] | None:
     return list(TARGETS[key]), list(FEEDFORWARD.get(key, []))
 
 
-def check(cfg: Config, model_config, head: str) -> None:
+def check_model(cfg: Config, model_config, head: str) -> None:
     check_head(head, cfg.train_head)
     if cfg.targets is None and _defaults(model_config.model_type) is None:
         raise ConfigError(f"(IA)^3 has no default target layers for {model_config.model_type!r} models",

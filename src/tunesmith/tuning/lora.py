@@ -16,6 +16,8 @@ from . import targets as targeting
 from .common import check_head, head_to_train, wrap
 
 MERGEABLE = True
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class LowRank(Section):
@@ -47,7 +49,7 @@ class Config(LowRank):
     """Low-rank adapters on the target layers; the base stays frozen."""
 
 
-def check(cfg: LowRank, model_config, head: str) -> None:
+def check_model(cfg: LowRank, model_config, head: str) -> None:
     check_head(head, cfg.train_head)
     if cfg.layers is not None:
         n = getattr(model_config, "num_hidden_layers", None)
@@ -66,3 +68,14 @@ def peft_config(model, cfg: LowRank, head: str, **extra):
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
     return wrap(model, peft_config(model, cfg, head), head)
+
+
+def trainable_count(base, cfg: LowRank, head_params: int, magnitude: bool = False) -> int:
+    """Trainable values with `cfg`'s rank and targets, counted on a meta-device model (plan): r * (in + out) per
+    layer, plus one magnitude per output row for DoRA."""
+    total = head_params
+    for name in targeting.select(base, cfg.targets, cfg.layers):
+        module = base.get_submodule(name)
+        out_f, in_f = (module.weight.shape if type(module).__name__ != "Conv1D" else module.weight.shape[::-1])
+        total += cfg.r * (in_f + out_f) + (out_f if magnitude else 0)
+    return total

@@ -6,7 +6,7 @@ width (num_key_value_heads x head_dim); with `projection`, the prefix is produce
 training instead (more stable, larger). Not mergeable: a prefix is extra input, not a weight update.
 
 It needs a model whose forward accepts `past_key_values` (decoders, and BERT-style encoders whose backbone
-does); `check` finds out from the model's classes before anything is loaded.
+does); `check_model` finds out from the model's classes before anything is loaded.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from typing import Literal
 from pydantic import Field
 
 from ..errors import ConfigError
+from ..models.load import head_class
 from ..schema import Section
 from .common import check_head, head_to_train, wrap
 
 MERGEABLE = False
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(Section):
@@ -40,10 +43,8 @@ def _accepts_cache(cls) -> bool:
     return cls is not None and "past_key_values" in inspect.signature(cls.forward).parameters
 
 
-def check(cfg: Config, model_config, head: str) -> None:
+def check_model(cfg: Config, model_config, head: str) -> None:
     from transformers import AutoModel
-
-    from ..models.load import head_class
 
     check_head(head, cfg.train_head)
     head_cls = head_class(head)._model_mapping.get(type(model_config), None)

@@ -17,10 +17,13 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
+from ..models.load import is_decoder_only
 from ..schema import Section
-from .common import check_head, head_to_train, is_meta, load_adapter, wrap
+from .common import check_head, head_to_train, is_meta, wrap
 
 MERGEABLE = False
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(Section):
@@ -43,9 +46,7 @@ class Config(Section):
         return self
 
 
-def check(cfg: Config, model_config, head: str) -> None:
-    from ..models.load import is_decoder_only
-
+def check_model(cfg: Config, model_config, head: str) -> None:
     check_head(head, cfg.train_head)
     if head == "sequence-classification" and is_decoder_only(model_config):
         raise ConfigError(f"prompt tuning cannot train a {model_config.model_type} classifier: the classifier reads "
@@ -96,5 +97,12 @@ def _aligned(model):
     return model
 
 
-def load(cfg, weights, head: str, model_kwargs: dict, pad_token_id: int | None = None):
-    return _aligned(load_adapter(cfg, weights, head, model_kwargs, pad_token_id))
+def added_positions(cfg: Config) -> int:
+    return cfg.tokens
+
+
+def load(cfg: Config, weights, head: str, base):
+    """The saved virtual tokens on `base` (loaded by the caller), logits lined up again."""
+    from peft import PeftModel
+
+    return _aligned(PeftModel.from_pretrained(base, weights))

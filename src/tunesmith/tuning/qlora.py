@@ -12,11 +12,16 @@ from __future__ import annotations
 from typing import Literal
 
 from ..errors import ConfigError
+from ..models.anatomy import head_modules
+from ..models.load import head_class, quiet_transformers
+from ..models.quantize import bnb_config
 from . import lora
 from .common import wrap
 from .lora import LowRank
 
 MERGEABLE = True
+TRAINS_BASE = False
+HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(LowRank):
@@ -31,8 +36,8 @@ class Config(LowRank):
     recipe: activations, not weights, dominate memory once the base is 4-bit); slower per step."""
 
 
-def check(cfg: Config, model_config, head: str) -> None:
-    lora.check(cfg, model_config, head)
+def check_model(cfg: Config, model_config, head: str) -> None:
+    lora.check_model(cfg, model_config, head)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -43,10 +48,6 @@ def check(cfg: Config, model_config, head: str) -> None:
 def load_kwargs(cfg: Config, model_config, head: str, dtype):
     """Load the base in 4 bits; the head modules (task head, LM head) stay in floating point."""
     import torch
-
-    from ..models.anatomy import head_modules
-    from ..models.load import head_class, quiet_transformers
-    from ..models.quantize import bnb_config
 
     with torch.device("meta"), quiet_transformers():
         skip = head_modules(head_class(head).from_config(model_config))
@@ -60,3 +61,7 @@ def apply(model, cfg: Config, head: str, tokenizer=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     return wrap(model, lora.peft_config(model, cfg, head), head)
+
+
+def trainable_count(base, cfg: Config, head_params: int) -> int:
+    return lora.trainable_count(base, cfg, head_params)

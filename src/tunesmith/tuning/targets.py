@@ -15,6 +15,7 @@ from typing import Optional, Union
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.anatomy import block_index, blocks, head_modules
 
 Targets = Union[list[str], str]
 Layers = Optional[Union[list[int], str]]
@@ -49,8 +50,6 @@ def is_linear(module: nn.Module) -> bool:
 
 def body_linears(model: nn.Module) -> list[str]:
     """Full names of the linear layers of the body: the task head and LM head are left out."""
-    from ..models.anatomy import head_modules
-
     heads = head_modules(model)
     return [name for name, m in model.named_modules()
             if is_linear(m) and not any(name == h or name.startswith(h + ".") for h in heads)]
@@ -62,8 +61,6 @@ def _matches(name: str, key: str) -> bool:
 
 def select(model: nn.Module, targets: Targets, layers: Layers = None, where: str = "tuning.targets") -> list[str]:
     """Full names of the modules to adapt. Every name in a list must match something."""
-    from ..models.anatomy import block_index, blocks
-
     names = [n for n, _ in model.named_modules() if n]
     linears = body_linears(model)
     if targets == "all-linear":
