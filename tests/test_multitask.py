@@ -135,8 +135,8 @@ def test_each_task_loss_runs_over_its_own_head_only():
     layer.zero_grad()
     objective.loss(Model(), only_a, None).total.backward()
     assert layer.weight.grad[2:].abs().sum() == 0 and layer.weight.grad[:2].abs().sum() > 0
-    assert objective.METRICS == ("a/accuracy", "a/macro_f1", "a/loss", "b/accuracy", "b/macro_f1", "b/loss",
-                                 "main_mean")
+    assert objective.METRICS == {"a/accuracy": "max", "a/macro_f1": "max", "a/loss": "min", "b/accuracy": "max",
+                                 "b/macro_f1": "max", "b/loss": "min", "main_mean": "max"}
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -156,11 +156,11 @@ def test_config_mistakes_name_the_task(in_tmp, tiny_bert, task_dirs):
         load_config(bad)
     assert "did you mean 'regime.tasks[1].data.max_length'" in str(e.value)
 
-    with pytest.raises(ConfigError, match=r"regime.tasks\[1\].objective.kind: multitask trains a classification head"):
+    with pytest.raises(ConfigError, match=r"b.yaml:\d+ \(regime.tasks\[1\].objective.kind\): multitask trains a classification head"):
         load_config(write_config(in_tmp / "b.yaml", text.replace("objective: classify", "objective: clm")))
-    with pytest.raises(ConfigError, match=r"regime.tasks\[1\].name: 'sent' is also the name of regime.tasks\[0\]"):
+    with pytest.raises(ConfigError, match=r"b.yaml:\d+ \(regime.tasks\[1\].name\): 'sent' is also the name of tasks\[0\]"):
         load_config(write_config(in_tmp / "b.yaml", text.replace("name: topic", "name: sent")))
-    with pytest.raises(ConfigError, match="regime.early_stopping: 'nope' is neither"):
+    with pytest.raises(ConfigError, match=r"\(regime.early_stopping\): 'nope' is neither"):
         load_config(cfg, ["regime.early_stopping=nope"])
 
 

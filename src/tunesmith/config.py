@@ -593,6 +593,11 @@ def validate(data: dict, src, context: str = "") -> RunConfig:
     return cfg
 
 
+def _key_path(dotted: str) -> tuple:
+    """`tasks[1].objective.kind` -> ("tasks", 1, "objective", "kind"), a location `src.where` finds lines for."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", dotted) if p)
+
+
 def _config_error(err: dict, data: dict, src, context: str) -> ConfigError:
     loc = _data_loc(data, err["loc"])
     msg = err["msg"]
@@ -602,7 +607,7 @@ def _config_error(err: dict, data: dict, src, context: str) -> ConfigError:
         msg = msg.removeprefix("Value error, ")
         keyed = _KEYED.match(msg)
         if keyed:
-            key = loc + tuple(keyed.group(1).split("."))
+            key = loc + _key_path(keyed.group(1))
             return ConfigError(keyed.group(2), where=src.where(key))
         where = src.where(loc) if loc else (f"{src.path} ({context})" if context else src.path)
         return ConfigError(msg, where=where)

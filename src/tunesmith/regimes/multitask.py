@@ -45,6 +45,9 @@ from ..objectives.common import Loss, Prepared
 from ..schema import Section
 from .tasks import TaskConfig, check_tasks, load_task_splits
 
+ALTERS_TRAINING = True
+"""It chooses which task each batch comes from and trains a head per task."""
+
 MEAN = "main_mean"
 SEP = ":"
 """Between a task's name and a label name in the saved head's label names (task names cannot hold it)."""
@@ -65,17 +68,17 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _tasks_fit(self):
-        check_tasks(self.tasks, least=2)
+        check_tasks(self.tasks, where="tasks", least=2)  # `tasks[1]...`: inside regime:
         for i, task in enumerate(self.tasks):
             objective = OBJECTIVES[task.objective.kind]
             if objective.HEAD != "sequence-classification" or getattr(objective, "OWNS_STEP", False):
-                raise ValueError(f"regime.tasks[{i}].objective.kind: multitask trains a classification head per task; "
+                raise ValueError(f"tasks[{i}].objective.kind: multitask trains a classification head per task; "
                                  f"{task.objective.kind!r} has no such head (use classify)")
             if getattr(task.objective, "distill", None) is not None:
-                raise ValueError(f"regime.tasks[{i}].objective.distill: a multitask run does not distil")
+                raise ValueError(f"tasks[{i}].objective.distill: a multitask run does not distil")
         names = [t.name for t in self.tasks]
         if self.early_stopping != "mean" and self.early_stopping not in names:
-            raise ValueError(f"regime.early_stopping: {self.early_stopping!r} is neither `mean` nor a task "
+            raise ValueError(f"early_stopping: {self.early_stopping!r} is neither `mean` nor a task "
                              f"(tasks: {', '.join(names)})")
         return self
 
