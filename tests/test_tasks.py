@@ -41,3 +41,26 @@ def test_loader_errors_are_prefixed_with_the_task(tmp_path):
     with pytest.raises(DataError) as e:
         load_task_splits(task, 0, seed=0)
     assert "task 'tiny': column 'review' (data.columns.text) not found" in str(e.value)
+
+
+def test_overrides_reach_into_a_task(tmp_path, sentiment_dir):
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""\
+model: m
+regime:
+  kind: multitask
+  tasks:
+    - {{name: a, data: {{train: {sentiment_dir}}}}}
+    - {{name: b, data: {{train: {sentiment_dir}}}}}
+""")
+    got = load_config(cfg, ["regime.tasks.1.data.max_rows.train=64", "regime.tasks.0.objective={kind: classify, labels: [neg, pos]}"])
+    assert got.regime.tasks[1].data.max_rows == {"train": 64} and got.regime.tasks[0].data.max_rows == {}
+    assert got.regime.tasks[0].objective.labels == ["neg", "pos"]
+    assert got.data.train == str(sentiment_dir)  # a multitask run's data defaults to its first task's
+    with pytest.raises(ConfigError, match="regime.tasks is a list of 2 items"):
+        load_config(cfg, ["regime.tasks.2.data.max_length=8"])
+    with pytest.raises(ConfigError, match=r"override 'regime.tasks.1.data.max_length=x' \(regime.tasks\[1\].data.max_length\)"):
+        load_config(cfg, ["regime.tasks.1.data.max_length=x"])

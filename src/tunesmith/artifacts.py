@@ -301,7 +301,8 @@ def manifest(cfg, model_kwargs: dict) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    data_refs = [r for r in (cfg.data.train, cfg.data.validation, cfg.data.test) if r]
+    sections = [cfg.data] + [task.data for task in getattr(cfg.regime, "tasks", [])]
+    data_refs = list(dict.fromkeys(r for d in sections for r in (d.train, d.validation, d.test) if r))
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -216,6 +216,25 @@ class RegimeHooks(Protocol):
         """Rules that span axes, at config validation (e.g. EWC needs a head with a pretrained loss). Raise
         `ValueError`."""
 
+    # A regime over several tasks (multitask) reads its tasks' data itself and trains one objective over them:
+
+    def prepare(self, run_cfg, tokenizer):
+        """Every task's data read, checked (within and across tasks) and tokenized, in place of the top-level
+        `data:` section: (objectives.common.Prepared, data.checks.Report); the data card holds each task's."""
+
+    def wrap_objective(self, objective, cfg, prepared):
+        """The objective the loop and evaluation use for this regime (multitask: each task's loss and metrics on
+        its own head, metric keys `<task>/<metric>`), built from the task objective and `prepare`'s result."""
+
+    def batches(self, cfg, train_examples: list[dict], train_cfg, within):
+        """epoch -> batches of train example indices (multitask: one task per batch, tasks drawn in shares); a
+        pure function of the epoch, so --resume rebuilds the same order. `within` is the loop's own batching
+        (`data.batches.train_batches`), for the batches inside one task. Default: the loop's batching."""
+
+    def task_view(self, trained, name: str | None):
+        """A finished run narrowed to one task (`predict/eval RUN --task NAME`): a `trained.Trained` whose model,
+        objective config and data section are that task's. Raise `TunesmithError` for a missing or unknown name."""
+
 
 AXES = {
     "tuning": (Tuning, TuningHooks),

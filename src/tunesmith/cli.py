@@ -108,6 +108,11 @@ def cmd_plan(args) -> int:
             cfg = stage.cfg
             if cfg.model.name.startswith(stages.STAGE_REF):
                 cfg = cfg.model_copy(update={"model": staged.stages[0].cfg.model})
+            distill = getattr(cfg.objective, "distill", None)
+            if distill is not None and distill.teacher.startswith(stages.STAGE_REF):  # not trained yet: its base
+                teacher = next(s for s in staged.stages if s.name == distill.teacher[len(stages.STAGE_REF):])
+                distill = distill.model_copy(update={"teacher": teacher.cfg.model.name})
+                cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"distill": distill})})
             print(f"=== stage {stage.index + 1}/{len(staged.stages)}: {stage.name} ({cfg.objective.kind}) ===")
             print(render(plan(cfg), cfg))
         return 0
@@ -117,6 +122,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _one_task(trained, task: str | None):
+    """A run over several tasks narrowed to `--task` (its regime's `task_view`); other runs as they are."""
+    from .regimes import REGIMES
+
+    regime = REGIMES[trained.cfg.regime.kind] if trained.cfg is not None else None
+    if hasattr(regime, "task_view"):
+        return regime.task_view(trained, task)
+    if task is not None:
+        raise TunesmithError(f"{trained.name} trained one task; --task names a task of a multitask run", where="--task")
+    return trained
+
+
 def cmd_eval(args) -> int:
     from .build import starting_model
     from .data.load import rename_columns
@@ -124,7 +141,7 @@ def cmd_eval(args) -> int:
     from .evaluate.score import evaluate
     from .trained import load_trained
 
-    trained = load_trained(args.run, trust_remote_code=args.trust_remote_code)
+    trained = _one_task(load_trained(args.run, trust_remote_code=args.trust_remote_code), args.task)
     found = read(args.data)
     if isinstance(found, dict):
         if args.split not in found:
@@ -145,7 +162,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .trained import load_trained
 
-    trained = load_trained(args.run, trust_remote_code=args.trust_remote_code)
+    trained = _one_task(load_trained(args.run, trust_remote_code=args.trust_remote_code), args.task)
     if not hasattr(trained.objective, "predict"):
         raise TunesmithError(f"{args.run} is not a classifier; predict labels texts",
                              hint=f"for language models use `tunesmith generate {args.run} \"...\"`")
@@ -284,10 +301,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="file, folder or sample:<name>")
     s.add_argument("--split", default="test", help="split to score when --data holds several (default: test)")
     s.add_argument("--batch-size", type=_positive, default=32)
+    s.add_argument("--task", help="multitask runs: the task to score (its head and labels)")
 
     s = sub.add_parser("predict", help="run a trained model on texts (arguments, or one per line on stdin)")
     s.add_argument("run")
     s.add_argument("texts", nargs="*")
+    s.add_argument("--task", help="multitask runs: the task whose head labels the texts")
 
     def generation_flags(s, system: bool = True):
         s.add_argument("--max-new-tokens", type=_positive, help="most tokens per answer (default: the run's eval.generate)")

@@ -18,11 +18,11 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .data.config import SEED_MAX, ChecksConfig, DataConfig, LeakageConfig, Policy, SplitConfig  # noqa: F401 (re-exported)
 from .axes import Methods, metric_directions
+from .data.config import SEED_MAX, ChecksConfig, DataConfig, LeakageConfig, Policy, SplitConfig  # noqa: F401 (re-exported)
 from .errors import ConfigError
 from .objectives import DEFAULT as DEFAULT_OBJECTIVE
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, distill
 from .regimes import DEFAULT as DEFAULT_REGIME
 from .regimes import REGIMES
 from .schema import Section, number_problem
@@ -38,8 +38,6 @@ def _union(registry: dict) -> Any:
 TuningConfig = _union(TUNINGS)
 ObjectiveConfig = _union(OBJECTIVES)
 RegimeConfig = _union(REGIMES)
-
-
 
 
 class ModelConfig(Section):
@@ -205,13 +203,20 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _data_of_first_task(cls, raw):
-        """A regime over tasks may leave out the top-level `data:`; the first task's then stands for it."""
-        if isinstance(raw, dict) and "data" not in raw and isinstance(raw.get("regime"), dict):
-            tasks = raw["regime"].get("tasks")
-            if isinstance(tasks, list) and tasks and isinstance(tasks[0], dict) and isinstance(tasks[0].get("data"), dict):
-                return {**raw, "data": tasks[0]["data"]}
-        return raw
+    def _implied_sections(cls, data):
+        """Top-level sections another section supplies: a multitask run's `data` defaults to its first task's (for
+        the settings runs share, e.g. max_length), and a student built from its teacher's layers
+        (`objective.distill.keep_layers`) has no `model` of its own: the teacher's is the start."""
+        if not isinstance(data, dict):
+            return data
+        regime, objective = data.get("regime"), data.get("objective")
+        tasks = regime.get("tasks") if isinstance(regime, dict) else None
+        if "data" not in data and isinstance(tasks, list) and tasks and isinstance(tasks[0], dict) and "data" in tasks[0]:
+            data = {**data, "data": tasks[0]["data"]}
+        keep = objective.get("distill") if isinstance(objective, dict) else None
+        if isinstance(keep, dict) and keep.get("keep_layers") is not None and "model" not in data:
+            data = {**data, "model": {"name": keep.get("teacher")}}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -234,6 +239,8 @@ class RunConfig(Section):
         """The objective's metrics, then each chosen method's own `check` of rules that span axes."""
         methods = Methods(TUNINGS[self.tuning.kind], OBJECTIVES[self.objective.kind], REGIMES[self.regime.kind])
         directions = metric_directions(methods.objective)
+        if getattr(self.objective, "distill", None) is not None:
+            directions = {**directions, **distill.METRICS}
         metric = self.train.early_stopping.metric
         watchable = [m for m, d in methods.objective.METRICS.items() if d is not None]
         if metric is not None and metric not in watchable:
@@ -377,7 +384,7 @@ def read_yaml(path: str | Path) -> tuple[dict, _Source]:
 # Keys that hold files or folders; in a config file, a relative one is read from the file's folder.
 DATA_PATHS = (("data", "train"), ("data", "validation"), ("data", "test"))
 DATA_LISTS = (("eval", "forgetting", "data"), ("regime", "replay", "data"), ("regime", "penalty", "fisher_data"))
-MODEL_PATHS = (("model", "name"), ("model", "tokenizer"), ("objective", "reward", "run"))
+MODEL_PATHS = (("model", "name"), ("model", "tokenizer"), ("objective", "reward", "run"), ("objective", "distill", "teacher"))
 
 
 def _relative(value, base: Path, always: bool):
@@ -435,8 +442,30 @@ def apply_override(data: dict, text: str, src: _Source) -> None:
         raise ConfigError(f"the value is not valid YAML: {problem}", where=f"override {text!r}", hint=hint) from None
     except RecursionError:
         raise ConfigError("the value is nested too deeply", where=f"override {text!r}") from None
+    loc = tuple(int(p) if p.isdigit() else p for p in parts)  # `regime.tasks.1.data.max_length`: item 1 of a list
     node = data
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(loc[:-1]):
+        node = _child(node, part, parts, i, text)
+    if isinstance(node, list):
+        if not isinstance(loc[-1], int) or loc[-1] >= len(node):
+            raise ConfigError(f"{'.'.join(parts[:-1])} is a list of {len(node)} items", where=f"override {text!r}")
+    elif len(parts) == 2 and parts[0] in SWITCHABLE and parts[1] == "kind":
+        default = RunConfig.model_fields[parts[0]].default_factory().kind
+        if node.get("kind", default) != value:
+            for k in [k for k in node if k != "kind" and (parts[0], k) not in src.overrides]:
+                del node[k]
+    node[loc[-1]] = value
+    src.overrides[loc] = text
+
+
+def _child(node, part, parts: tuple, i: int, text: str):
+    """The section (or list of sections) an override descends into at `part`, made if missing."""
+    if isinstance(node, list):
+        if not isinstance(part, int) or part >= len(node):
+            raise ConfigError(f"{'.'.join(parts[:i])} is a list of {len(node)} items; name one by its index "
+                              f"(0 to {len(node) - 1})", where=f"override {text!r}")
+        child = node[part]
+    else:
         child = node.get(part)
         if isinstance(child, str) and part in ("model", *SWITCHABLE):
             # expand a shorthand (`tuning: lora`) so a nested override can land in it
@@ -444,16 +473,9 @@ def apply_override(data: dict, text: str, src: _Source) -> None:
             node[part] = child
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section", where=f"override {text!r}")
-        node = child
-    if len(parts) == 2 and parts[0] in SWITCHABLE and parts[1] == "kind":
-        default = RunConfig.model_fields[parts[0]].default_factory().kind
-        if node.get("kind", default) != value:
-            for k in [k for k in node if k != "kind" and (parts[0], k) not in src.overrides]:
-                del node[k]
-    node[parts[-1]] = value
-    src.overrides[parts] = text
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section", where=f"override {text!r}")
+    return child
 
 
 def _unwrap(annotation):
@@ -488,7 +510,7 @@ def check_keys(data: dict, model: type[BaseModel], src: _Source, loc: tuple = ()
     for key, value in list(data.items()):
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f"did you mean {'.'.join(map(str, loc + (close[0],)))!r}?" if close else None
+            hint = f"did you mean {dotted_key(loc + (close[0],))!r}?" if close else None
             valid = ", ".join(fields)
             found.append(ConfigError(f"unknown key {key!r}; valid keys here: {valid}", where=src.where(loc + (key,)),
                                      hint=hint))
@@ -557,6 +579,12 @@ def validate(data: dict, src, context: str = "") -> RunConfig:
     at once. `context` names the part of the file the data came from (a stage)."""
     data = copy.deepcopy(data)
     found = check_keys(data, RunConfig, src)
+    objective = data.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("distill"), dict) and \
+            objective["distill"].get("keep_layers") is not None and "model" in data:
+        found.append(ConfigError("the student is built from the teacher's layers (objective.distill.keep_layers), so "
+                                 "it has no model of its own", where=src.where(("model",)),
+                                 hint="leave model out, or drop keep_layers to distil into the model named here"))
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
@@ -569,6 +597,11 @@ def validate(data: dict, src, context: str = "") -> RunConfig:
     return cfg
 
 
+def _key_path(dotted: str) -> tuple:
+    """`tasks[1].objective.kind` -> ("tasks", 1, "objective", "kind"), a location `src.where` finds lines for."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", dotted) if p)
+
+
 def _config_error(err: dict, data: dict, src, context: str) -> ConfigError:
     loc = _data_loc(data, err["loc"])
     msg = err["msg"]
@@ -578,7 +611,7 @@ def _config_error(err: dict, data: dict, src, context: str) -> ConfigError:
         msg = msg.removeprefix("Value error, ")
         keyed = _KEYED.match(msg)
         if keyed:
-            key = loc + tuple(keyed.group(1).split("."))
+            key = loc + _key_path(keyed.group(1))
             return ConfigError(keyed.group(2), where=src.where(key))
         where = src.where(loc) if loc else (f"{src.path} ({context})" if context else src.path)
         return ConfigError(msg, where=where)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distilling
 from .build import precision_and_dtype
 from .config import RunConfig
 from .models.anatomy import head_modules
@@ -65,7 +66,8 @@ def plan(cfg: RunConfig) -> dict:
     objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
     head = objective.HEAD
     kwargs = objective.plan_kwargs(cfg.objective) if hasattr(objective, "plan_kwargs") else {}
-    base = build_on_meta(cfg.model, head, kwargs)
+    base = distilling.student_on_meta(cfg, head) or build_on_meta(cfg.model, head, kwargs)
+    distill = distilling.plan_lines(cfg, head, base)  # counted before the tuning wraps the student
     if hasattr(tuning, "check_model"):
         tuning.check_model(cfg.tuning, base.config, head)
     _, dtype = precision_and_dtype(cfg)
@@ -106,7 +108,7 @@ def plan(cfg: RunConfig) -> dict:
     }
     return {"model": cfg.model.name, "architecture": type(base).__name__, "trainable": trainable, "total": total,
             "dtype": str(dtype).replace("torch.", ""), "memory": current,
-            "quantized": packed if quantized else None, "compare": compare}
+            "quantized": packed if quantized else None, "compare": compare, "distill": distill}
 
 
 def uses_checkpointing(cfg: RunConfig) -> bool:
@@ -119,6 +121,7 @@ def render(result: dict, cfg: RunConfig) -> str:
     lines = [
         f"model: {result['model']}   tuning: {cfg.tuning.kind}   objective: {cfg.objective.kind}",
         format_parameters(result["trainable"], result["total"]),
+        *result.get("distill", []),
     ]
     q = result["quantized"]
     if q:

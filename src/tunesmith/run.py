@@ -26,10 +26,11 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from transformers import set_seed
 
-from . import artifacts, scorers
+from . import artifacts, distilling, scorers
 from .axes import metric_directions
 from .build import check_before_loading, enable_gradient_checkpointing, load_base, precision_and_dtype
 from .config import RunConfig, dump
+from .data.batches import train_batches
 from .data.checks import Report, check_card, check_rows, raise_for_errors
 from .data.load import load_splits
 from .evaluate import forgetting
@@ -40,6 +41,7 @@ from .evaluate.score import evaluate
 from .models.load import load_tokenizer
 from .models.params import count_parameters, format_parameters
 from .objectives import OBJECTIVES
+from .objectives.distill import Distilled
 from .objectives.lm import check_packing
 from .regimes import REGIMES
 from .errors import TunesmithError
@@ -56,6 +58,8 @@ def prepare_data(cfg: RunConfig, tokenizer):
     Replay rows are checked and tokenized as their own split, then join train.
     """
     objective, regime = OBJECTIVES[cfg.objective.kind], REGIMES[cfg.regime.kind]
+    if hasattr(regime, "prepare"):  # a regime over several tasks reads, checks and tokenizes each task's data
+        return regime.prepare(cfg, tokenizer)
     splits = load_splits(cfg.data, cfg.train.seed)
     splits.update(regime.extra_splits(cfg.regime, len(splits["train"].rows), cfg.train.seed))
     splits, report = check_rows(splits, cfg.data.checks)
@@ -108,8 +112,12 @@ def chat_summary(chat) -> dict:
             "stop_ids": chat.stop_ids(), "system": chat.system}
 
 
-def print_card(card: dict) -> None:
-    print("data card")
+def print_card(card: dict, title: str = "data card") -> None:
+    for task, task_card in card.get("tasks", {}).items():
+        print_card(task_card, f"data card: task {task}")
+    if not any(card.get(s) for s in ("train", "validation", "test", "replay")):
+        return
+    print(title)
     for split in ("train", "validation", "test", "replay"):
         info = card.get(split)
         if not info:
@@ -124,10 +132,11 @@ def print_card(card: dict) -> None:
 
 
 def print_comparison(base: dict | None, tuned: dict) -> None:
-    print(f"\n{'test':<12}{'base':>10}{'tuned':>10}")
+    width = max([12] + [len(k) + 2 for k in tuned])  # a task's metrics read `<task>/accuracy`
+    print(f"\n{'test':<{width}}{'base':>10}{'tuned':>10}")
     for key, value in tuned.items():
         b = f"{base[key]:.4f}" if base and key in base else "-"
-        print(f"{key:<12}{b:>10}{value:>10.4f}")
+        print(f"{key:<{width}}{b:>10}{value:>10.4f}")
 
 
 def print_diagnosis(diagnosis: dict, forgot: dict | None) -> None:
@@ -158,6 +167,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     #    meta-device build: no weights read). Every process checks, so a bad input stops them all alike.
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
     artifacts.check_output_dir(run_dir.parent)
+    cfg = distilling.student_config(cfg)  # keep_layers: the student's folder, built below from the teacher
     if resume:
         artifacts.check_resume(run_dir, cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -166,6 +176,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         print_card(prepared.card)
         print(report.render())
     raise_for_errors(report)
+    objective = run_objective(cfg, objective, tokenizer, prepared, accelerator)
     # ppo measures its drift as KL to the reference on held-out prompts instead of the forgetting probe
     owns_step = getattr(objective, "OWNS_STEP", False)
     probe = None if owns_step else forgetting.load_probe(cfg.eval.forgetting, tokenizer, objective.HEAD)
@@ -180,8 +191,10 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
             artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, prepared.model_kwargs))
             artifacts.write_json(run_dir / "data_card.json", prepared.card)
         accelerator.wait_for_everyone()
+        distill = distilling.settings(cfg)
+        hard = distilling.hard_label_run(cfg, run_dir, resume) if distill and distill.compare_hard_labels else None
         summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started,
-                            accelerator, dtype)
+                            accelerator, dtype, hard)
     except BaseException as e:
         if main:
             artifacts.fail(run_dir, e, fresh=not resume)
@@ -189,6 +202,26 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     finally:
         artifacts.release(lock)
     return summary
+
+
+def run_objective(cfg: RunConfig, objective, tokenizer, prepared, accelerator):
+    """The objective this run trains: the regime's over its tasks (multitask: each task on its own head), checked
+    against a teacher's tokenizer, head and labels; a student built from its teacher's layers is written here,
+    once, so the checks before loading read its config."""
+    regime = REGIMES[cfg.regime.kind]
+    if hasattr(regime, "wrap_objective"):
+        objective = regime.wrap_objective(objective, cfg.regime, prepared)
+    distilling.check(cfg, tokenizer, prepared, objective.HEAD)
+    if accelerator.is_main_process:
+        distilling.build_student(cfg, objective.HEAD, prepared.model_kwargs)
+    accelerator.wait_for_everyone()
+    return objective
+
+
+def epoch_batches(cfg: RunConfig, prepared):
+    """The regime's batching of train (multitask: one task per batch, in shares), or None for the loop's own."""
+    sampler = getattr(REGIMES[cfg.regime.kind], "batches", None)
+    return sampler(cfg.regime, prepared.examples["train"], cfg.train, train_batches) if sampler else None
 
 
 @dataclass
@@ -206,6 +239,8 @@ class Flow:
     resume: bool
     started: float
     accelerator: object
+    hard: dict | None = None
+    """`distill.compare_hard_labels`: the same student trained on the labels alone, for the table."""
 
     @property
     def say(self):
@@ -221,13 +256,16 @@ class Flow:
 
 
 def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, report: Report, probe,
-              resume: bool, started: float, accelerator, dtype: torch.dtype) -> dict:
+              resume: bool, started: float, accelerator, dtype: torch.dtype, hard: dict | None = None) -> dict:
     """model -> base scores -> train -> tuned scores -> diagnosis -> summary and weights."""
-    flow = Flow(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started, accelerator)
+    flow = Flow(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started, accelerator,
+                hard)
     model, counts = build_model(flow, dtype)
     if getattr(objective, "OWNS_STEP", False):
         return _train_ppo(run_dir, cfg, tuning, tokenizer, prepared, report, model, resume, started, accelerator,
                           counts)
+    task, (teacher, cached) = objective, with_teacher(flow, dtype)
+    objective = flow.objective
     gen_items = generation_items(cfg, objective, prepared)
     base, base_answers, gen_seconds = score_base(flow, model, gen_items)
     # The model holds its starting weights here (a resumed run loads its checkpoint inside fit).
@@ -238,7 +276,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
                   train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),
                   cfg=cfg.train, pad_id=tokenizer.pad_token_id, run_dir=run_dir, accelerator=accelerator,
-                  resume=resume, penalty=penalty)
+                  resume=resume, penalty=penalty, batches=epoch_batches(cfg, prepared))
     model = accelerator.unwrap_model(model)
     results, answers, gen_seconds["tuned"] = score_tuned(flow, model, gen_items)
     if gen_seconds["tuned"] is None:
@@ -247,14 +285,40 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     if probe:
         after = forgetting.measure(model, probe, tokenizer.pad_token_id, flow.eval_bs, accelerator.device)
         forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe)
+    side = teacher_and_student(flow, teacher, task, model, cached)
     watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
     diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, objective.METRICS[watch], base, results,
                          update_size(start, model))
     del start
     results, base = reported(cfg, results, base)
     summary = run_summary(flow, trained, counts, results, base, forgot, diagnosis)
-    save_run(flow, model, summary, (gen_items, base_answers, answers, gen_seconds), (base, results))
+    save_run(flow, model, summary, (gen_items, base_answers, answers, gen_seconds), (base, results), side)
     return summary
+
+
+def with_teacher(flow: Flow, dtype: torch.dtype):
+    """`objective.distill`: the teacher loaded (outside the model: never trained, never saved) and the run's
+    objective made the task's loss plus its soft targets; (teacher, cached outputs' facts), or (None, None)."""
+    cfg, acc = flow.cfg, flow.accelerator
+    settings = distilling.settings(cfg)
+    if settings is None:
+        return None, None
+    teacher = distilling.load_teacher(cfg, flow.objective.HEAD, acc.device, dtype)
+    cached = distilling.cache_outputs(cfg, teacher, flow.prepared.examples["train"], flow.eval_bs,
+                                      flow.tokenizer.pad_token_id, acc.device) if settings.cache else None
+    flow.objective = Distilled(flow.objective, teacher, settings)
+    return teacher, cached
+
+
+def teacher_and_student(flow: Flow, teacher, task, model, cached) -> dict | None:
+    """Teacher, student (and the hard-label student) side by side on test, measured in this run."""
+    if teacher is None or "test" not in flow.prepared.examples:
+        return None
+    side = distilling.side_by_side(flow.cfg, teacher, task, model, flow.prepared.examples["test"], flow.eval_bs,
+                                   flow.tokenizer.pad_token_id, flow.accelerator, flow.run_dir, flow.hard)
+    if cached:
+        side["teacher_cache"] = cached
+    return side
 
 
 def build_model(flow: Flow, dtype: torch.dtype):
@@ -325,9 +389,11 @@ def reported(cfg: RunConfig, results: dict, base: dict | None):
     """Only the metrics `eval.metrics` asks for (all if it is unset)."""
     if not cfg.eval.metrics:
         return results, base
-    keep = cfg.eval.metrics
-    results = {s: {k: v for k, v in m.items() if k in keep} for s, m in results.items()}
-    base = {s: {k: v for k, v in m.items() if k in keep} for s, m in base.items()} if base else base
+    def keep(k: str) -> bool:  # a task's metrics read `<task>/accuracy`
+        return k.rsplit("/", 1)[-1] in cfg.eval.metrics
+
+    results = {s: {k: v for k, v in m.items() if keep(k)} for s, m in results.items()}
+    base = {s: {k: v for k, v in m.items() if keep(k)} for s, m in base.items()} if base else base
     return results, base
 
 
@@ -339,6 +405,7 @@ def run_summary(flow: Flow, trained: dict, counts, results: dict, base: dict | N
         "train": {k: v for k, v in trained.items() if k != "validation_history"},
         "params": params_summary(*counts),
         "checks": checks_summary(flow.report),
+        **({"tasks": flow.objective.per_task(results, base)} if hasattr(flow.objective, "per_task") else {}),
         "forgetting": forgot,
         "diagnosis": diagnosis,
         "peak_memory_mb": artifacts.peak_memory_mb(),
@@ -346,7 +413,7 @@ def run_summary(flow: Flow, trained: dict, counts, results: dict, base: dict | N
     }
 
 
-def save_run(flow: Flow, model, summary: dict, generation, scores) -> None:
+def save_run(flow: Flow, model, summary: dict, generation, scores, side: dict | None = None) -> None:
     """The chat and generation facts into the summary, the base-vs-tuned report, the weights, summary.json."""
     cfg, chat, objective = flow.cfg, flow.prepared.chat, flow.objective
     gen_items, base_answers, answers, gen_seconds = generation
@@ -371,18 +438,24 @@ def save_run(flow: Flow, model, summary: dict, generation, scores) -> None:
     elif answers is not None:
         artifacts.write_json(run_dir / "generations.json", [{"messages": it["messages"], "reference":
                              it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
-    write_run(run_dir, flow.tuning, model, flow.tokenizer, summary)
+    sizes = (lambda weights: {"distill": distilling.with_sizes(side, cfg, run_dir, weights)}) if side else None
+    write_run(run_dir, flow.tuning, model, flow.tokenizer, summary, sizes)
     if "test" in results:
         print_comparison((base or {}).get("test"), results["test"])
+    if side is not None:
+        distilling.print_table(summary["distill"], flow.objective.MAIN_METRIC)
     print_diagnosis(summary["diagnosis"], summary["forgetting"])
     print(f"\nrun saved to {run_dir}")
 
 
-def write_run(run_dir: Path, tuning, model, tokenizer, summary: dict) -> None:
+def write_run(run_dir: Path, tuning, model, tokenizer, summary: dict, after_weights=None) -> None:
     """The weights (as the tuning saves them), then the run marked completed and summary.json: last, so a
-    folder with a summary always holds everything."""
+    folder with a summary always holds everything. `after_weights(weights folder name)` -> more summary keys
+    that need the saved weights (a distilled student's size on disk)."""
     save = getattr(tuning, "save", None) or artifacts.save_weights
     summary["weights"] = save(run_dir, model, tokenizer)
+    if after_weights is not None:
+        summary.update(after_weights(summary["weights"]))
     artifacts.set_status(run_dir, "completed")
     artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
 

@@ -115,6 +115,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Staged:
             raise ConfigError("a stage cannot set output: stage folders are <output.dir>/<name>/stages/<i>-<stage>",
                               where=where.where(("output",)))
         merged = merge(data, stage)
+        if _student_from_teacher(merged) and "model" not in stage:
+            merged.pop("model", None)  # a student built from its teacher's layers starts from the teacher
         _drop_unused_inherited(merged, stage)
         merged["name"] = f"{i + 1}-{name}"
         merged["output"] = {"dir": str(root / "stages")}
@@ -124,6 +126,12 @@ def load(path: str | Path, overrides: list[str] = ()) -> Staged:
         stages.append(Stage(i, name, cfg, own))
         names.append(name)
     return Staged(str(data["name"]), root, stages, Path(path).read_text(encoding="utf-8"))
+
+
+def _student_from_teacher(raw: dict) -> bool:
+    objective = raw.get("objective")
+    distill = objective.get("distill") if isinstance(objective, dict) else None
+    return isinstance(distill, dict) and distill.get("keep_layers") is not None
 
 
 def _drop_unused_inherited(merged: dict, stage: dict) -> None:
@@ -141,6 +149,9 @@ def _drop_unused_inherited(merged: dict, stage: dict) -> None:
 
 def _check_refs(cfg: RunConfig, earlier: list[str], where, own: bool) -> None:
     refs = [(("model", "name"), cfg.model.name)]
+    distill = getattr(cfg.objective, "distill", None)
+    if distill is not None:
+        refs.append((("objective", "distill", "teacher"), distill.teacher))
     reward = getattr(cfg.objective, "reward", None)
     if reward is not None and reward.run:
         refs.append((("objective", "reward", "run"), reward.run))
@@ -187,7 +198,15 @@ def resolve(stage: Stage, policy: Path | None, runs: dict[str, Path], policies: 
     """The stage's config with its starting model and `stage:` references made into folders."""
     cfg = stage.cfg
     name = cfg.model.name
-    if name.startswith(STAGE_REF):
+    update = {}
+    distill = getattr(cfg.objective, "distill", None)
+    if distill is not None and distill.teacher.startswith(STAGE_REF):  # a teacher trained by an earlier stage
+        teacher = str(runs[distill.teacher[len(STAGE_REF):]])
+        distill = distill.model_copy(update={"teacher": teacher})
+        update["objective"] = cfg.objective.model_copy(update={"distill": distill})
+    if distill is not None and distill.keep_layers is not None:
+        name = distill.teacher  # the student is built from the teacher's layers (distilling.student_config)
+    elif name.startswith(STAGE_REF):
         ref = name[len(STAGE_REF):]
         if ref not in policies:
             raise TunesmithError(f"stage {stage.name!r} starts from stage {ref!r}, which produced no policy "
@@ -195,7 +214,7 @@ def resolve(stage: Stage, policy: Path | None, runs: dict[str, Path], policies: 
         name = str(policies[ref])
     elif not stage.own_model and policy is not None:
         name = str(policy)
-    update = {"model": cfg.model.model_copy(update={"name": name})}
+    update["model"] = cfg.model.model_copy(update={"name": name})
     reward = getattr(cfg.objective, "reward", None)
     if reward is not None and reward.run and reward.run.startswith(STAGE_REF):
         run = runs[reward.run[len(STAGE_REF):]]

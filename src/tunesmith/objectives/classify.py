@@ -17,6 +17,7 @@ from ..errors import DataError
 from ..evaluate.metrics import accuracy, macro_f1
 from ..schema import Section
 from .common import Loss, Prepared
+from .distill import DistillConfig
 
 HEAD = "sequence-classification"
 METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
@@ -28,6 +29,9 @@ class Config(Section):
     """Classify each text into one of a fixed set of labels."""
     labels: Optional[list[str]] = None
     """Label names in class-index order; default: the labels seen in train, sorted."""
+    distill: Optional[DistillConfig] = None
+    """Also learn from a teacher's outputs (knowledge distillation, objectives/distill.py), e.g.
+    `{teacher: runs/<name>, temperature: 2.0, alpha: 0.5}`."""
 
 
 def _bad_label(value) -> str | None:

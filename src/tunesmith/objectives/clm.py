@@ -10,7 +10,7 @@ padding); `pack` puts several whole documents into each sequence without attenti
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from ..data.pack import blocks, pack
 from ..data.templates import ChatFormat
@@ -18,6 +18,7 @@ from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
+from .distill import DistillConfig
 from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
@@ -34,6 +35,9 @@ class Config(Section):
     pack: bool = False
     """Keep attention inside each document: several whole documents per sequence of up to data.max_length
     tokens (or, with blocks, document boundaries inside each block); the loss equals the unpacked loss."""
+    distill: Optional[DistillConfig] = None
+    """Also learn from a teacher's outputs (knowledge distillation, objectives/distill.py), e.g.
+    `{teacher: runs/<name>, temperature: 2.0, alpha: 0.5}`."""
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:

@@ -22,6 +22,7 @@ from ..data.tokenize import length_stats
 from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
+from .distill import DistillConfig
 from .lm import causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
@@ -45,6 +46,9 @@ class Config(Section):
     pack: bool = False
     """Pack several examples into each sequence of up to data.max_length tokens, attention kept inside each
     example; fewer, fuller sequences and the same loss as unpacked."""
+    distill: Optional[DistillConfig] = None
+    """Also learn from a teacher's outputs (knowledge distillation, objectives/distill.py), e.g.
+    `{teacher: runs/<name>, temperature: 2.0, alpha: 0.5}`."""
 
 
 def chat_format(tokenizer, cfg: Config):

@@ -4,12 +4,13 @@ module provides.
 A regime that orchestrates several trainings (a task sequence, meta-learning episodes) has its run layer in
 flows/ (the regime module stays a leaf: it never imports the loop or the artifacts)."""
 
-from . import continual, meta, single
+from . import continual, meta, multitask, single
 
 REGIMES = {
     "single": single,
     "continual": continual,
     "meta": meta,
+    "multitask": multitask,
 }
 
 DEFAULT = "single"

@@ -20,6 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -119,6 +120,8 @@ class Fit:
     scheduler: object
     trainable: list
     lengths: list[int]
+    epoch_batches: Callable[[int], list[list[int]]]
+    """epoch -> micro-batches of example indices, before sharding."""
     total: int
     steps_per_epoch: int
     ckpt_dir: Path
@@ -138,13 +141,16 @@ class Fit:
 
 
 def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: list[dict] | None, cfg,
-        pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None) -> dict:
+        pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None, batches=None) -> dict:
     """Train `model` in place; returns a summary of the training (steps, best, timings).
 
     penalty: a regime's pull towards the starting weights (`add_gradient()`, `value()`), or None.
+    batches: a regime's epoch -> batches of example indices (multitask: one task per batch, tasks drawn in
+             shares); a pure function of the epoch, so --resume rebuilds the same order. Default: shuffled,
+             grouped by length.
     """
     run = _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id, run_dir, accelerator, resume,
-                 penalty)
+                 penalty, batches)
     state = run.state
     run.model.train()
     while state.step < run.total and not state.stopped_early:
@@ -161,11 +167,13 @@ def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: 
 
 
 def _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id, run_dir, accelerator, resume,
-           penalty) -> Fit:
+           penalty, batches=None) -> Fit:
     """Batches per epoch and total steps, the optimizer and schedule, the state (fresh or resumed)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [len(e["input_ids"]) for e in train_examples]
-    micro_per_epoch = len(shard(train_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.group_by_length), rank, world))
+    epoch_batches = batches or (lambda epoch: train_batches(lengths, cfg.batch_size, cfg.seed, epoch,
+                                                            cfg.group_by_length))
+    micro_per_epoch = len(shard(epoch_batches(0), rank, world))
     if micro_per_epoch == 0:
         raise TunesmithError(f"train has {len(lengths)} examples, fewer than one batch per process",
                              where="train.batch_size")
@@ -184,15 +192,15 @@ def _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id,
     direction = objective.METRICS[watch]  # the objective's own: "min" for a loss or an error, "max" for a score
     progress = Progress(total, state.step, enabled=accelerator.is_main_process)
     return Fit(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id, accelerator, penalty, optimizer,
-               scheduler, trainable, lengths, total, steps_per_epoch, ckpt_dir, log, state, watch, direction, progress,
+               scheduler, trainable, lengths, epoch_batches, total, steps_per_epoch, ckpt_dir, log, state, watch,
+               direction, progress,
                last_eval_step=state.evals[-1]["step"] if state.evals else -1)
 
 
 def _windows(run: Fit, epoch: int) -> list[list[list[int]]]:
     """This process's micro-batches of an epoch, grouped into accumulation windows (one optimizer step each)."""
     cfg, acc = run.cfg, run.accelerator
-    batches = shard(train_batches(run.lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length),
-                    acc.process_index, acc.num_processes)
+    batches = shard(run.epoch_batches(epoch), acc.process_index, acc.num_processes)
     return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
 
 

@@ -1,0 +1,234 @@
+"""Knowledge distillation (Hinton et al., 2015): a student learns from a teacher's softened outputs and the labels.
+
+    loss per unit = alpha * task loss + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+                    + hidden_weight * (1 - cos(student hidden, teacher hidden))          (DistilBERT's cosine term)
+
+T^2 keeps the soft term's gradients on the scale of the task term's as T grows (Hinton et al., sec. 2).
+One code path serves every objective whose Config has a `distill:` field; the unit is what the objective
+averages over: an example for classify (the class logits), a target token for clm and sft (the next-token
+logits over the vocabulary; for sft only answer tokens are targets, so only they are distilled).
+
+For causal LMs the teacher's vocabulary-wide logits are never formed for the whole batch: the teacher's last
+hidden states are taken at the target tokens only, and its output layer runs over chunks of `chunk_tokens`
+of them; the KL of each chunk is checkpointed, so the backward pass recomputes a chunk's softmaxes instead of
+storing them for every token. The student's own logits exist once, as for any causal LM loss.
+
+This module never loads a model: the run layer builds the teacher (eval mode, no gradients, never saved with
+the student) and hands it to `Distilled`, which wraps the task objective and exposes the same functions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch.utils.checkpoint import checkpoint
+
+from ..data.collate import IGNORE_INDEX
+from ..errors import ConfigError
+from ..schema import Section
+from .common import Loss
+from .lm import causal_lm_logits, shifted_token_losses
+
+
+METRICS = {"teacher_agreement": "max"}
+"""What a distilled run reports besides its task's metrics: the share of units where the student's top-1
+prediction is the teacher's."""
+
+
+class DistillConfig(Section):
+    teacher: str
+    """The model the student learns from: a finished run folder (runs/<name>), a model folder or sample:<name>.
+    It must use the student's tokenizer (refused before any weights load otherwise)."""
+    temperature: float = Field(2.0, gt=0)
+    """T: both distributions are softened as softmax(logits / T); the KL term is scaled by T^2."""
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the task loss on the labels; 1 - alpha weighs the teacher's soft targets (1: no distillation)."""
+    hidden_weight: float = Field(0.0, ge=0)
+    """Weight of DistilBERT's cosine term between the student's and the teacher's last hidden states (0: off);
+    needs equal hidden sizes (a student built with keep_layers has them)."""
+    keep_layers: Union[Literal["every_other"], list[int], None] = None
+    """Build the student from the teacher, as DistilBERT was initialised: its embeddings, these blocks (in order)
+    and its head. every_other keeps blocks 0, 2, 4, ...; a list names them (negative counts from the end).
+    null: the student is `model:`."""
+    cache: bool = False
+    """Compute the teacher's outputs on train once, before training, cached on disk keyed by the data and the
+    teacher's weights, instead of in every step (classify; saves a teacher forward pass per example per epoch)."""
+    compare_hard_labels: bool = False
+    """Also train the same student on the labels alone (same train section, same seed), into <run>/hard-labels,
+    and put it in the teacher / student table."""
+    chunk_tokens: int = Field(1024, ge=1)
+    """Causal LMs: target tokens per chunk of the token-level KL (bounds the vocabulary-wide softmaxes held)."""
+
+
+def kl_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum over rows of KL(softmax(teacher / T) || softmax(student / T)) (not yet scaled by T^2)."""
+    t = (teacher_logits.float() / temperature).log_softmax(-1)
+    s = (student_logits.float() / temperature).log_softmax(-1)
+    return F.kl_div(s, t, log_target=True, reduction="sum")
+
+
+class Teacher:
+    """The teacher as the loss needs it: frozen, in eval mode, its outputs computed without gradients.
+
+    model      the plain transformers model (with its head)
+    head       `sequence-classification` or `causal-lm`
+    from_hidden  causal LMs: its logits are its output layer applied to its body's last hidden states (checked by
+               the run layer on a short input), so they can be computed at chosen tokens only
+    cached     classify with `cache`: train examples' logits by their `teacher_row`
+    """
+
+    def __init__(self, model, head: str, from_hidden: bool = True, cached: torch.Tensor | None = None):
+        self.model, self.head, self.from_hidden, self.cached = model, head, from_hidden, cached
+        model.eval()
+        model.requires_grad_(False)
+
+    @torch.no_grad()
+    def classify(self, batch, hidden: bool):
+        """(logits, last hidden states or None) for a classification batch."""
+        if self.cached is not None and "teacher_row" in batch and not hidden:
+            return self.cached.to(batch["input_ids"].device)[batch["teacher_row"]], None
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=hidden)
+        return out.logits.float(), (out.hidden_states[-1] if hidden else None)
+
+    @torch.no_grad()
+    def body(self, batch) -> torch.Tensor:
+        """Last hidden states (batch, seq, hidden) of a causal LM batch (with `from_hidden`), else its logits."""
+        if not self.from_hidden:
+            return causal_lm_logits(self.model, batch)
+        body = getattr(self.model, self.model.base_model_prefix)
+        kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else \
+            {"attention_mask": batch["attention_mask"]}
+        return body(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+
+    @torch.no_grad()
+    def logits_at(self, states: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for rows of `body` output (hidden states, or already logits)."""
+        if not self.from_hidden:
+            return states.float()
+        return self.model.get_output_embeddings()(states).float()
+
+
+def _chunk_kl(student_flat, idx, teacher_rows, teacher: Teacher, temperature: float) -> torch.Tensor:
+    return kl_sum(teacher.logits_at(teacher_rows), student_flat.index_select(0, idx), temperature)
+
+
+def _cosine_sum(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+    return (1 - F.cosine_similarity(student_h.float(), teacher_h.float(), dim=-1)).sum()
+
+
+class Distilled:
+    """The task objective with the teacher's soft targets added to its loss; everything else is the task's.
+
+    Exposes what the loop and evaluation use of an objective module (HEAD, METRICS, MAIN_METRIC, loss, eval_step,
+    metrics, ...), delegating to the task module; evaluation adds `teacher_agreement`, the share of units where
+    the student's top-1 prediction is the teacher's.
+    """
+
+    def __init__(self, task, teacher: Teacher, cfg: DistillConfig):
+        self.task, self.teacher, self.cfg = task, teacher, cfg
+        self.HEAD = task.HEAD
+        self.METRICS = {**task.METRICS, **METRICS}
+        self.MAIN_METRIC = task.MAIN_METRIC
+
+    def __getattr__(self, name):  # prepare, predict, GENERATION_METRICS, ... are the task's own
+        return getattr(self.task, name)
+
+    def loss(self, model, batch, obj_cfg) -> Loss:
+        cfg, hidden = self.cfg, self.cfg.hidden_weight > 0
+        if self.HEAD == "sequence-classification":
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=hidden)
+            logits = out.logits.float()
+            task = F.cross_entropy(logits, batch["labels"], reduction="sum")
+            count = batch["labels"].numel()
+            if cfg.alpha == 1 and not hidden:
+                return Loss(task, count, {"task_loss": float(task.detach()) / count})
+            t_logits, t_hidden = self.teacher.classify(batch, hidden)
+            soft = kl_sum(t_logits, logits, cfg.temperature)
+            cos = None
+            if hidden:
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                per_token = 1 - F.cosine_similarity(out.hidden_states[-1].float(), t_hidden.float(), dim=-1)
+                cos = ((per_token * mask.squeeze(-1)).sum(-1) / mask.squeeze(-1).sum(-1).clamp(min=1)).sum()
+        else:
+            out = model(input_ids=batch["input_ids"], use_cache=False, output_hidden_states=hidden,
+                        **({"position_ids": batch["position_ids"]} if "position_ids" in batch
+                           else {"attention_mask": batch["attention_mask"]}))
+            losses, mask = shifted_token_losses(out.logits, batch["labels"])
+            task, count = losses.sum(), mask.sum()
+            if cfg.alpha == 1 and not hidden:
+                return Loss(task, count, {"task_loss": float(task.detach()) / max(1, int(count))})
+            soft, cos = self._token_terms(out, batch, mask, hidden)
+        total = cfg.alpha * task + (1 - cfg.alpha) * cfg.temperature ** 2 * soft
+        n = max(1, int(count))
+        metrics = {"task_loss": float(task.detach()) / n, "kd_loss": float(soft.detach()) / n}
+        if cos is not None:
+            total = total + cfg.hidden_weight * cos
+            metrics["cosine_loss"] = float(cos.detach()) / n
+        return Loss(total, count, metrics)
+
+    def _token_terms(self, out, batch, mask, hidden: bool):
+        """Summed KL over the target tokens, in checkpointed chunks, and the cosine term there (or None)."""
+        cfg = self.cfg
+        b, t = mask.nonzero(as_tuple=True)  # position t predicts label t + 1
+        seq = out.logits.size(1)
+        flat_idx = b * seq + t
+        student_flat = out.logits.reshape(-1, out.logits.size(-1))
+        states = self.teacher.body(batch)
+        rows = states.reshape(-1, states.size(-1)).index_select(0, flat_idx)
+        soft = out.logits.new_zeros((), dtype=torch.float32)
+        for s in range(0, len(flat_idx), cfg.chunk_tokens):
+            idx, chunk = flat_idx[s:s + cfg.chunk_tokens], rows[s:s + cfg.chunk_tokens]
+            soft = soft + checkpoint(_chunk_kl, student_flat, idx, chunk, self.teacher, cfg.temperature,
+                                     use_reentrant=False)
+        cos = None
+        if hidden:
+            s_h = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].size(-1)).index_select(0, flat_idx)
+            cos = _cosine_sum(s_h, rows)
+        return soft, cos
+
+    @torch.no_grad()
+    def eval_step(self, model, batch, obj_cfg) -> dict[str, list]:
+        step = self.task.eval_step(model, batch, obj_cfg)
+        if self.HEAD == "sequence-classification":
+            t_logits, _ = self.teacher.classify({k: v for k, v in batch.items() if k != "teacher_row"}, False)
+            step["agree"] = (torch.tensor(step["pred"], device=t_logits.device) == t_logits.argmax(-1)).int().tolist()
+            return step
+        logits = causal_lm_logits(model, batch)
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        b, t = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        student_top = logits[b, t].argmax(-1)
+        states = self.teacher.body(batch)[b, t]
+        teacher_top = torch.cat([self.teacher.logits_at(states[s:s + self.cfg.chunk_tokens]).argmax(-1)
+                                 for s in range(0, len(b), self.cfg.chunk_tokens)]) if len(b) else student_top
+        same = (student_top == teacher_top).int()
+        step["agree"] = [int(same[b == i].sum()) for i in range(batch["input_ids"].size(0))]
+        return step
+
+    def metrics(self, outputs: dict[str, list], obj_cfg) -> dict[str, float]:
+        agree = outputs.pop("agree", [])
+        scores = self.task.metrics(outputs, obj_cfg)
+        units = outputs.get("tokens") or [1] * len(agree)  # token objectives count agreements per example
+        scores["teacher_agreement"] = sum(agree) / max(1, sum(units))
+        return scores
+
+
+def keep_indices(keep: Union[str, list[int]], n_layers: int) -> list[int]:
+    """The teacher's block indices a student keeps (`every_other` or a list, negatives from the end)."""
+    if keep == "every_other":
+        return list(range(0, n_layers, 2))
+    out = []
+    for i in keep:
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise ConfigError(f"block {i} does not exist: the teacher has {n_layers} blocks (0 to {n_layers - 1})",
+                              where="objective.distill.keep_layers")
+        out.append(j)
+    if len(set(out)) != len(out) or not out:
+        raise ConfigError(f"keep_layers {keep} must name distinct blocks, at least one",
+                          where="objective.distill.keep_layers")
+    return out
