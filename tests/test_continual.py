@@ -181,14 +181,20 @@ def test_config_rules_of_a_task_sequence(in_tmp, tiny_bert, task_dirs):
         load_config(path, ["regime.adapters=true", "regime.penalty.kind=l2sp"])
     with pytest.raises(ConfigError, match="leave the top-level objective out"):
         load_config(path, ["objective.kind=classify"])
-    with pytest.raises(ValueError, match=r"regime.tasks\[1\].objective.kind: .* 'clm' has none"):
+    with pytest.raises(ValueError, match=r"tasks\[1\].objective.kind: .* 'clm' has none"):
         regime.Config(tasks=[{"name": "a", "data": {"train": "x"}}, {"name": "b", "data": {"train": "y"},
                                                                       "objective": "clm"}])
     with pytest.raises(ValueError, match="belong to a task sequence"):
         regime.Config(replay={"per_task": 4})
     task = {"name": "senti", "data": {"train": str(task_dirs["senti"])}}
-    with pytest.raises(ValueError, match=r"regime.tasks\[1\].name: 'senti' is also the name"):
+    with pytest.raises(ValueError, match=r"tasks\[1\].name: 'senti' is also the name"):
         regime.Config(tasks=[task, task])
+    # from a file, the error names the key under `regime:` once, at the task's own line
+    path.write_text(path.read_text().replace("name: topic", "name: senti"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "(regime.tasks[1].name): 'senti' is also the name" in e.value.render()
+    assert "regime.regime" not in e.value.render()
     with pytest.raises(ValueError, match="at least 2 tasks"):
         regime.Config(tasks=[task])
 

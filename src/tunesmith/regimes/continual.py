@@ -106,22 +106,22 @@ class Config(Section):
         return self
 
     def _check_tasks(self):
-        check_tasks(self.tasks, least=2)
+        check_tasks(self.tasks, where="tasks", least=2)  # `tasks[1]...`: inside regime:
         for i, task in enumerate(self.tasks):
             objective = OBJECTIVES[task.objective.kind]
             if objective.HEAD != "sequence-classification" or getattr(objective, "OWNS_STEP", False):
-                raise ValueError(f"regime.tasks[{i}].objective.kind: a task sequence is scored by each task's accuracy "
+                raise ValueError(f"tasks[{i}].objective.kind: a task sequence is scored by each task's accuracy "
                                  f"on a classification head of its own; {task.objective.kind!r} has none (use classify)")
         if "data" in self.replay.model_fields_set or "split" in self.replay.model_fields_set:
-            raise ValueError("regime.replay.data: with tasks, replay draws from the buffer of earlier tasks' rows "
+            raise ValueError("replay.data: with tasks, replay draws from the buffer of earlier tasks' rows "
                              "(set regime.replay.per_task); drop replay.data and replay.split")
         if self.replay.fraction > 0 and self.replay.per_task is None:
-            raise ValueError("regime.replay.fraction: with tasks, set regime.replay.per_task too (rows kept from "
+            raise ValueError("replay.fraction: with tasks, set regime.replay.per_task too (rows kept from "
                              "each finished task, which the fraction draws from)")
         if self.penalty.kind != "ewc" and self.penalty.online is not None:
-            raise ValueError("regime.penalty.online: online EWC needs regime.penalty.kind: ewc")
+            raise ValueError("penalty.online: online EWC needs regime.penalty.kind: ewc")
         if self.adapters and (self.replay.per_task is not None or self.penalty.kind != "none"):
-            raise ValueError("regime.adapters: each task has its own adapter and nothing is shared to protect; "
+            raise ValueError("adapters: each task has its own adapter and nothing is shared to protect; "
                              "drop regime.replay and regime.penalty (or adapters)")
         return self
 

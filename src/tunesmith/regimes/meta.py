@@ -84,12 +84,12 @@ class Config(Section):
     def _named_classes(self):
         if isinstance(self.test_classes, list):
             if len(set(self.test_classes)) != len(self.test_classes):
-                raise ValueError("regime.test_classes: a class is named twice")
+                raise ValueError("test_classes: a class is named twice")
             if len(self.test_classes) < self.ways:
-                raise ValueError(f"regime.test_classes: {len(self.test_classes)} classes named, fewer than "
+                raise ValueError(f"test_classes: {len(self.test_classes)} classes named, fewer than "
                                  f"regime.ways ({self.ways}): an evaluation episode needs {self.ways}")
         elif self.test_classes < self.ways:
-            raise ValueError(f"regime.test_classes: {self.test_classes} is fewer than regime.ways ({self.ways})")
+            raise ValueError(f"test_classes: {self.test_classes} is fewer than regime.ways ({self.ways})")
         return self
 
 
