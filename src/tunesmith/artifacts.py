@@ -301,7 +301,7 @@ def manifest(cfg, model_kwargs: dict) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    sections = [cfg.data] + [task.data for task in getattr(cfg.regime, "tasks", [])]
+    sections = [cfg.data] + [task.data for task in getattr(cfg.regime, "tasks", None) or []]
     data_refs = list(dict.fromkeys(r for d in sections for r in (d.train, d.validation, d.test) if r))
     return {
         "python": platform.python_version(),
