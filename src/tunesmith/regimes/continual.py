@@ -41,7 +41,6 @@ from ..data.collate import collate
 from ..data.general import lm_examples, read_rows, texts_of
 from ..data.sources import Split
 from ..models.anatomy import head_parameters
-from ..objectives import OBJECTIVES
 from ..objectives.lm import lm_losses
 from ..schema import Section
 from .tasks import TaskConfig, check_tasks
@@ -106,12 +105,8 @@ class Config(Section):
         return self
 
     def _check_tasks(self):
-        check_tasks(self.tasks, where="tasks", least=2)  # `tasks[1]...`: inside regime:
-        for i, task in enumerate(self.tasks):
-            objective = OBJECTIVES[task.objective.kind]
-            if objective.HEAD != "sequence-classification" or getattr(objective, "OWNS_STEP", False):
-                raise ValueError(f"tasks[{i}].objective.kind: a task sequence is scored by each task's accuracy "
-                                 f"on a classification head of its own; {task.objective.kind!r} has none (use classify)")
+        check_tasks(self.tasks, where="tasks", least=2,  # `tasks[1]...`: inside regime:
+                    heads_needed="a task sequence is scored by each task's accuracy on a classification head of its own")
         if "data" in self.replay.model_fields_set or "split" in self.replay.model_fields_set:
             raise ValueError("replay.data: with tasks, replay draws from the buffer of earlier tasks' rows "
                              "(set regime.replay.per_task); drop replay.data and replay.split")

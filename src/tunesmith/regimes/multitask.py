@@ -68,12 +68,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _tasks_fit(self):
-        check_tasks(self.tasks, where="tasks", least=2)  # `tasks[1]...`: inside regime:
+        check_tasks(self.tasks, where="tasks", least=2,  # `tasks[1]...`: inside regime:
+                    heads_needed="multitask trains a classification head per task")
         for i, task in enumerate(self.tasks):
-            objective = OBJECTIVES[task.objective.kind]
-            if objective.HEAD != "sequence-classification" or getattr(objective, "OWNS_STEP", False):
-                raise ValueError(f"tasks[{i}].objective.kind: multitask trains a classification head per task; "
-                                 f"{task.objective.kind!r} has no such head (use classify)")
             if getattr(task.objective, "distill", None) is not None:
                 raise ValueError(f"tasks[{i}].objective.distill: a multitask run does not distil")
         names = [t.name for t in self.tasks]

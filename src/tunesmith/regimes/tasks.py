@@ -51,9 +51,11 @@ class TaskConfig(Section):
         return {"kind": v} if isinstance(v, str) else v
 
 
-def check_tasks(tasks: list[TaskConfig], where: str = "regime.tasks", least: int = 1) -> None:
+def check_tasks(tasks: list[TaskConfig], where: str = "regime.tasks", least: int = 1,
+                heads_needed: str | None = None) -> None:
     """Names valid and distinct, and at least `least` tasks; raises ValueError naming the task (pydantic
-    validators turn it into a ConfigError)."""
+    validators turn it into a ConfigError). `heads_needed`: the regime gives every task a classification head
+    of its own, and says why; a task whose objective has none is refused."""
     if len(tasks) < least:
         raise ValueError(f"{where}: list at least {least} tasks (found {len(tasks)})")
     seen: dict[str, int] = {}
@@ -65,6 +67,11 @@ def check_tasks(tasks: list[TaskConfig], where: str = "regime.tasks", least: int
             raise ValueError(f"{where}[{i}].name: {task.name!r} is also the name of {where}[{seen[task.name]}]; "
                              "give each task a distinct name")
         seen[task.name] = i
+    for i, task in enumerate(tasks if heads_needed else []):
+        objective = OBJECTIVES[task.objective.kind]
+        if objective.HEAD != "sequence-classification" or getattr(objective, "OWNS_STEP", False):
+            raise ValueError(f"{where}[{i}].objective.kind: {heads_needed}; {task.objective.kind!r} has none "
+                             "(use classify)")
 
 
 def task_where(i: int, where: str | None, prefix: str = "regime.tasks") -> str:
