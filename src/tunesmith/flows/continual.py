@@ -244,9 +244,7 @@ def _train_task(seq: _Sequence, t, model, anchors):
         states[t.name] = end
     if buffer is not None:
         buffer.add(t.name, t.index, t.examples["train"])
-    fisher = None
-    if reg.penalty.kind == "ewc":
-        fisher = task_fisher(model, params, t, reg.penalty.fisher_rows, pad_id, device)
+    fisher = task_fisher(model, params, t, reg.penalty.fisher_rows, pad_id, device) if regime.needs_fisher(reg) else None
     anchors = regime.after_task(reg, anchors, params, fisher)
     row = score_all(t.index)
     print("after " + t.name + ": " + ", ".join(f"{x.name} {v:.4f}" for x, v in zip(tasks, row)))

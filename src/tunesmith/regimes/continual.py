@@ -256,6 +256,12 @@ class Penalties:
         return sum(a.value() for a in self.anchors)
 
 
+def needs_fisher(cfg: Config) -> bool:
+    """Whether `after_task` weighs the new anchor by the finished task's Fisher (EWC), so the run layer
+    estimates it only then (one backward pass per row)."""
+    return cfg.penalty.kind == "ewc"
+
+
 def after_task(cfg: Config, anchors: list[Anchor], params, fisher: dict[str, torch.Tensor] | None) -> list[Anchor]:
     """The anchors once a task has finished, the model holding its end weights: l2sp pulls towards these
     weights only; ewc adds an anchor weighted by the task's Fisher, or (online) folds the Fisher into one
