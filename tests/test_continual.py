@@ -5,18 +5,15 @@ data, adapters that leave earlier tasks bit-identical, and SIGKILL + --resume mi
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import FILLER, NEGATIVE, POSITIVE, sentiment_rows, write_config, write_jsonl
+from tiny import cli, FILLER, NEGATIVE, POSITIVE, sentiment_rows, write_config, write_jsonl
 from tunesmith.errors import ConfigError
 from tunesmith.evaluate import continual as measure
 from tunesmith.regimes import continual as regime
@@ -316,11 +313,6 @@ KILLER = textwrap.dedent("""
     from tunesmith.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
-
-
-def cli(args, cwd, env=None, script=None):
-    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunesmith"]
-    return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
 
 
 def test_sigkill_mid_sequence_then_resume_matches_uninterrupted_run(in_tmp, tiny_bert, task_dirs):

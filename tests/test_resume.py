@@ -4,16 +4,13 @@ uninterrupted run ends: same weights, same metrics, same log."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import torch
 from safetensors.torch import load_file
 
-from tiny import classify_config
+from tiny import classify_config, cli
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -27,11 +24,6 @@ KILLER = textwrap.dedent("""
     from tunesmith.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
-
-
-def cli(args, cwd, env=None, script=None):
-    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunesmith"]
-    return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(in_tmp, tiny_bert, sentiment_dir):

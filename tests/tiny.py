@@ -9,7 +9,10 @@ local model folder.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 POSITIVE = "good great fine superb lovely brilliant moving fun charming smart".split()
@@ -252,3 +255,9 @@ objective: {objective}
 train: {train}
 {with_eval(extra)}"""
     return write_config(path, text)
+
+
+def cli(args, cwd, env=None, script=None):
+    """`tunesmith ARGS` in a fresh process (or `script` run with those arguments), for tests that kill it."""
+    cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunesmith"]
+    return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
