@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Optional, Protocol, runtime_checkable
 
 Direction = Optional[Literal["max", "min"]]
 HEADS = ("sequence-classification", "causal-lm", "masked-lm")
@@ -42,6 +42,20 @@ def better(direction: Direction, a: float, b: float | None, min_delta: float = 0
 def metric_directions(objective) -> dict[str, Direction]:
     """Every metric an objective reports (training-time and generation metrics) with its direction."""
     return {**objective.METRICS, **getattr(objective, "GENERATION_METRICS", {})}
+
+
+Symptom = Literal["overfit", "underfit", "forget"]
+"""What a finished run showed, for advice (evaluate/advice.py): overfitting, underfitting, forgetting."""
+
+
+class Change(NamedTuple):
+    """One change of a run's config that advice proposes: the dotted key, its value in the run, the value to try,
+    and an optional note (e.g. what else to set with it)."""
+
+    key: str
+    now: Any
+    to: Any
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,15 @@ class TuningHooks(Protocol):
     def trainable_count(self, base, cfg, head_params: int) -> int:
         """Trainable values of a low-rank method, counted on a meta-device model: `tunesmith plan` shows the run
         beside LoRA and QLoRA with these settings (default: `tuning.PLAN_BASELINE`'s defaults)."""
+
+    LR_RANGE: tuple
+    """(low, high): learning rates that usually suit this tuning. Advice proposes a lower train.lr only above
+    `low` and a higher one only below `high` (default: no bounds)."""
+
+    def advice(self, cfg, symptom: Symptom, head: str) -> list[Change]:
+        """What trains fewer weights (`overfit`, `forget`: less of the base) or more (`underfit`) for this kind,
+        as `Change`s of `tuning.` keys built from `cfg`'s current values; [] when nothing within reach does (the
+        run already trains the least, or the most). Default: []."""
 
     def save(self, run_dir: Path, model, tokenizer) -> str:
         """Write the trained weights into the run folder; return the folder's name. Default: `artifacts.save_weights`
@@ -215,6 +238,10 @@ class RegimeHooks(Protocol):
     def check(self, run_cfg, methods: Methods) -> None:
         """Rules that span axes, at config validation (e.g. EWC needs a head with a pretrained loss). Raise
         `ValueError`."""
+
+    def advice(self, cfg, symptom: Symptom, head: str) -> list[Change]:
+        """The regime's changes for a symptom (`forget`: replay or a penalty, from `cfg`'s current values), as
+        `Change`s of `regime.` keys; [] for none. Default: []."""
 
     # A regime over several tasks (multitask) reads its tasks' data itself and trains one objective over them:
 

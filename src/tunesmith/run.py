@@ -284,11 +284,12 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     forgot = None
     if probe:
         after = forgetting.measure(model, probe, tokenizer.pad_token_id, flow.eval_bs, accelerator.device)
-        forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe)
+        forgot = forgetting.compare(probe_before, after, cfg.eval.forgetting, probe, cfg)
     side = teacher_and_student(flow, teacher, task, model, cached)
     watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
-    diagnosis = diagnose(read_history(run_dir), trained, cfg, watch, objective.METRICS[watch], base, results,
-                         update_size(start, model))
+    rows = (prepared.card.get("train") or {}).get("rows")  # for advice: "more training rows (now ...)"
+    diagnosis = diagnose(read_history(run_dir), {**trained, "train_rows": rows}, cfg, watch, objective.METRICS[watch],
+                         base, results, update_size(start, model))
     del start
     results, base = reported(cfg, results, base)
     summary = run_summary(flow, trained, counts, results, base, forgot, diagnosis)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ..axes import Direction, better
+from . import advice
 
 WORSE_BY = 0.01
 """Relative worsening of validation loss past its best that counts, when it holds for at least two
@@ -57,7 +58,7 @@ def diagnose(history: list[dict], trained: dict, cfg, watch: str, direction: Dir
     out = {"early_stopping": _early_stopping(trained, cfg, watch, bool(evals))}
     out["gap"] = [{"step": e["step"], "train_loss": round(e["train_loss"], 5), "validation_loss": round(e["loss"], 5),
                    "gap": round(e["loss"] - e["train_loss"], 5)} for e in evals if "loss" in e and "train_loss" in e]
-    out["overfitting"] = _overfitting(evals, watch, direction, trained)
+    out["overfitting"] = _overfitting(evals, watch, direction, trained, cfg)
     out["underfitting"] = _underfitting(logs, evals, trained, cfg, watch, direction, base, results, update,
                                         overfit=out["overfitting"]["warning"])
     if update is not None:
@@ -89,8 +90,9 @@ def _early_stopping(trained: dict, cfg, watch: str, has_validation: bool) -> dic
     return info
 
 
-def _overfitting(evals: list[dict], watch: str, direction: Direction, trained: dict) -> dict:
-    """Did validation get worse after its best while the training loss kept falling?"""
+def _overfitting(evals: list[dict], watch: str, direction: Direction, trained: dict, cfg) -> dict:
+    """Did validation get worse after its best while the training loss kept falling? The changes to try are made
+    from the run's config (`advice`)."""
     with_loss = [e for e in evals if "loss" in e and "train_loss" in e]
     if len(with_loss) < 2:
         return {"warning": False, "message": "too few evaluations to judge overfitting"}
@@ -105,6 +107,9 @@ def _overfitting(evals: list[dict], watch: str, direction: Direction, trained: d
     rose = len(worse) >= 2 and worst_after in worse
     fell = worst_after is not None and worst_after["train_loss"] < best["train_loss"]
     watched = _watched_worsened(evals, watch, direction) if watch not in ("loss", "train_loss") else None
+    changes = advice.overfitting(cfg, trained, trained.get("train_rows"))
+    if rose and fell or watched:
+        info["advice"] = advice.as_dicts(changes)
     if rose and fell:
         info["warning"] = True
         info["message"] = (
@@ -114,11 +119,11 @@ def _overfitting(evals: list[dict], watch: str, direction: Direction, trained: d
             f"{gap_best:.4f} to {worst_after['loss'] - worst_after['train_loss']:.4f}"
             + (f"; the best checkpoint (step {trained.get('best_step')}) was restored"
                if trained.get("restored_best") else "")
-            + " -> more data, fewer epochs, a lower lr, weight decay, or a tuning that trains fewer weights (lora)")
+            + " -> " + advice.render(changes))
     elif watched:
         info["warning"] = True
         info["message"] = watched + (f"; the best checkpoint (step {trained.get('best_step')}) was restored"
-                                     if trained.get("restored_best") else "")
+                                     if trained.get("restored_best") else "") + " -> " + advice.render(changes)
     else:
         info["warning"] = False
         info["message"] = (f"no sign of overfitting: validation loss best at step {best['step']}, gap "
@@ -199,7 +204,8 @@ def _underfitting(logs, evals, trained, cfg, watch, direction: Direction, base, 
                                         else ""),
                           "suggestion": f"lower train.lr (now {lr:g}; try {lr / 10:g}): a loss that rises first is a "
                                         "step size too large" if unstable else
-                                        f"raise train.lr (now {lr:g}; try {lr * 10:g}) or train longer"})
+                                        f"raise train.lr (now {lr:g}; try {lr * 10:g}) or train longer "
+                                        f"({advice.render(advice.longer(cfg))})"})
     if update is not None and update["relative"] < TINY_UPDATE and not overfit:
         tiny = True
         found.append({"finding": f"the weights barely changed: ||w - w0|| / ||w0|| = {update['relative']:.2e}",
@@ -210,10 +216,12 @@ def _underfitting(logs, evals, trained, cfg, watch, direction: Direction, base, 
         found.append({"finding": f"validation {watch} {tuned_val[watch]:.4f} is no better than the base model's "
                                  f"{base_val[watch]:.4f}",
                       "suggestion": "the model fit its training rows without generalising: check that the labels "
-                                    "are right, add data, or train fewer weights (lora, freeze)" if overfit else
-                                    "check that the labels and data are right; then lower train.lr (the training "
-                                    "loss rose above its start)" if unstable else
-                                    "check that the labels and data are right; then raise train.lr or train.epochs"
+                                    "are right; then " + advice.render(advice.fewer_weights(cfg, trained.get("train_rows")))
+                                    if overfit else
+                                    "check that the labels and data are right; then lower train.lr (now "
+                                    f"{lr:g}; try {lr / 10:g}): the training loss rose above its start" if unstable else
+                                    "check that the labels and data are right; then "
+                                    + advice.render(advice.underfitting(cfg))
                                     + (" (the loss and the weights barely moved)" if flat or tiny else "")})
     if (evals and not trained.get("stopped_early") and trained.get("best_step") == evals[-1]["step"]
             and len(evals) >= 2 and watch in evals[-1] and watch in evals[-2]

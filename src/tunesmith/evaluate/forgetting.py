@@ -86,8 +86,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp(min=1e-12))
 
 
-def compare(before: dict, after: dict, cfg, probe: Probe) -> dict:
-    """The probe's delta between the starting and the tuned model, with a warning past the threshold."""
+def compare(before: dict, after: dict, cfg, probe: Probe, run_cfg=None) -> dict:
+    """The probe's delta between the starting and the tuned model, with a warning past the threshold and the
+    changes to try, made from the run's config `run_cfg` (`advice.forgetting`)."""
     where = f"{', '.join(probe.sources)} ({cfg.split}, {len(probe.examples)} texts, {probe.tokens:,d} tokens)"
     if probe.head == "sequence-classification":
         a, b = before["features"], after["features"]
@@ -111,10 +112,12 @@ def compare(before: dict, after: dict, cfg, probe: Probe) -> dict:
                 f"({rel:+.1%})")
         limit = f"above eval.forgetting.max_increase={cfg.max_increase:.0%}"
     if out["warning"]:
-        mitigation = ("regime: {kind: continual, penalty: {kind: l2sp}} (or replay of an earlier task's rows)"
-                      if probe.head == "sequence-classification" else
-                      "regime: {kind: continual, replay: {fraction: 0.2}} or a penalty (l2sp, ewc)")
-        text += (f", {limit}: the model is forgetting general knowledge; consider {mitigation}, a lower lr, or a "
-                 f"tuning that trains less (lora, freeze)")
+        text += f", {limit}: the model is forgetting general knowledge"
+        if run_cfg is not None:
+            from . import advice
+
+            changes = advice.forgetting(run_cfg)
+            out["advice"] = advice.as_dicts(changes)
+            text += f"; consider: {advice.render(changes)}" if changes else ""
     out["message"] = text
     return out

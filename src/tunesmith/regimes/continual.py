@@ -37,6 +37,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
+from ..axes import Change
 from ..data.collate import collate
 from ..data.general import lm_examples, read_rows, texts_of
 from ..data.sources import Split
@@ -147,6 +148,22 @@ def check(run_cfg, methods) -> None:
     if cfg.replay.fraction > 0 and "data" not in cfg.replay.model_fields_set:
         raise ValueError("regime.replay.data: a classifier replays an earlier task's labelled rows (same "
                          "labels); the default general text has no labels, so name the rows to replay")
+
+
+def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
+    """Forgetting: a stronger pull towards the starting weights, and more replay (a classifier's replay rows are an
+    earlier task's, so only a share already set is raised)."""
+    if symptom != "forget":
+        return []
+    pen = cfg.penalty
+    found = [Change("regime.penalty.kind", pen.kind, "l2sp") if pen.kind == "none" else
+             Change("regime.penalty.weight", pen.weight, pen.weight * 10 if pen.weight else 0.01)]
+    fraction = cfg.replay.fraction
+    if fraction == 0 and head != "sequence-classification":
+        found.append(Change("regime.replay.fraction", fraction, 0.2))
+    elif 0 < fraction < 0.5:
+        found.append(Change("regime.replay.fraction", fraction, round(min(0.5, fraction * 2), 3)))
+    return found
 
 
 def extra_splits(cfg: Config, train_rows: int, seed: int) -> dict[str, Split]:

@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..axes import Change
 from ..errors import ConfigError
 from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
@@ -37,6 +38,7 @@ from .common import check_head
 MERGEABLE = False
 TRAINS_BASE = False
 HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+LR_RANGE = (1e-4, 1e-3)  # the bottleneck starts at zero, like LoRA
 WEIGHTS, DESCRIPTION = "adapters.safetensors", "adapters.json"
 
 # model_type -> (attention output projection, feed-forward output projection), relative to a block
@@ -139,6 +141,16 @@ def check_model(cfg: Config, model_config, head: str) -> None:
     n = getattr(model_config, "num_hidden_layers", None)
     if cfg.layers is not None and n:
         targeting.layer_indices(cfg.layers, n)
+
+
+def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
+    """A narrower bottleneck (a larger reduction factor) for overfitting or forgetting, a wider one for
+    underfitting."""
+    if symptom != "underfit":
+        return [Change("tuning.reduction_factor", cfg.reduction_factor, cfg.reduction_factor * 2)]
+    if cfg.reduction_factor == 1:
+        return []
+    return [Change("tuning.reduction_factor", cfg.reduction_factor, max(1, cfg.reduction_factor // 2))]
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):

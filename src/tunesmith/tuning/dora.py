@@ -16,6 +16,8 @@ from .lora import LowRank, check_model, peft_config  # noqa: F401  (check_model:
 
 MERGEABLE = True
 TRAINS_BASE = False
+LR_RANGE = lora.LR_RANGE
+advice = lora.advice  # the same rank and dropout
 HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..axes import Change
 from ..errors import ConfigError
 from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
@@ -18,6 +19,7 @@ from ..schema import Section
 MERGEABLE = True  # the trained weights already are a plain model
 TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
 HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm"})
+LR_RANGE = (1e-4, 1e-2)  # a head (or a few blocks) on frozen features takes large steps
 
 
 class Config(Section):
@@ -39,6 +41,13 @@ class Config(Section):
             except re.error as e:
                 raise ValueError(f"entry {i}, {pattern!r}, is not a regular expression ({e})") from None
         return v
+
+
+def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
+    """Fewer trained blocks for overfitting or forgetting (the head alone is the least); more for underfitting."""
+    if symptom == "underfit":
+        return [Change("tuning.train_last", cfg.train_last, max(2, cfg.train_last * 2))]
+    return [Change("tuning.train_last", cfg.train_last, cfg.train_last // 2)] if cfg.train_last else []
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):

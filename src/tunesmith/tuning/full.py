@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..axes import Change
 from ..schema import Section
+from . import freeze, lora
 
 MERGEABLE = True  # the trained weights already are a plain model
 TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
 HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm"})
+LR_RANGE = (1e-5, 1e-4)  # every pretrained weight moves: small steps
 
 
 class Config(Section):
@@ -20,6 +23,16 @@ class Config(Section):
     """Train every parameter of the model."""
     freeze_embeddings: bool = False
     """Keep the input embeddings frozen (saves memory on large vocabularies; the head still trains)."""
+
+
+def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
+    """Every weight already trains: for overfitting or forgetting, low-rank adapters over a frozen base (a head
+    LoRA cannot train: the last blocks alone)."""
+    if symptom == "underfit":
+        return []
+    if head in lora.HEADS:
+        return [Change("tuning.kind", cfg.kind, lora.Config().kind, "so the base stays frozen")]
+    return [Change("tuning.kind", cfg.kind, freeze.Config().kind, "with tuning.train_last 2")]
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):

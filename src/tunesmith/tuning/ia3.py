@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+from ..axes import Change
 from ..errors import ConfigError
 from ..schema import Section
+from . import lora
 from . import targets as targeting
 from .common import check_head, head_to_train, wrap
 
 MERGEABLE = True
 TRAINS_BASE = False
 HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+LR_RANGE = (1e-3, 1e-2)  # rescaling vectors start at one and need large steps
 
 
 class Config(Section):
@@ -60,6 +63,16 @@ def check_model(cfg: Config, model_config, head: str) -> None:
     n = getattr(model_config, "num_hidden_layers", None)
     if cfg.layers is not None and n:
         targeting.layer_indices(cfg.layers, n)
+
+
+def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
+    """(IA)^3 trains the fewest weights of any tuning: nothing smaller to try. Underfitting: every block rescaled,
+    or low-rank adapters, which train more."""
+    if symptom != "underfit":
+        return []
+    if cfg.layers is not None:
+        return [Change("tuning.layers", cfg.layers, None)]
+    return [Change("tuning.kind", cfg.kind, lora.Config().kind, "which trains more weights")] if head in lora.HEADS else []
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):

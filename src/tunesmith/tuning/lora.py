@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..axes import Change
 from ..schema import Section
 from . import targets as targeting
 from .common import check_head, head_to_train, wrap
@@ -18,6 +19,7 @@ from .common import check_head, head_to_train, wrap
 MERGEABLE = True
 TRAINS_BASE = False
 HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+LR_RANGE = (5e-5, 1e-3)  # low-rank updates start at zero and need a larger step than full fine-tuning
 
 
 class LowRank(Section):
@@ -68,6 +70,18 @@ def peft_config(model, cfg: LowRank, head: str, **extra):
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
     return wrap(model, peft_config(model, cfg, head), head)
+
+
+def advice(cfg: LowRank, symptom: str, head: str) -> list[Change]:
+    """Overfitting: a lower rank and more adapter dropout; forgetting: a lower rank; underfitting: a higher rank,
+    and every linear layer adapted if the run adapts fewer."""
+    if symptom == "underfit":
+        wider = [Change("tuning.targets", cfg.targets, "all-linear")] if cfg.targets != "all-linear" else []
+        return [Change("tuning.r", cfg.r, cfg.r * 2)] + wider
+    lower = [Change("tuning.r", cfg.r, cfg.r // 2)] if cfg.r > 1 else []
+    if symptom == "overfit" and cfg.dropout < 0.3:
+        lower.append(Change("tuning.dropout", cfg.dropout, round(min(0.3, max(0.1, cfg.dropout * 2)), 3)))
+    return lower
 
 
 def trainable_count(base, cfg: LowRank, head_params: int, magnitude: bool = False) -> int:

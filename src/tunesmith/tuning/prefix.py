@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..axes import Change
 from ..errors import ConfigError
 from ..models.load import head_class
 from ..schema import Section
@@ -24,6 +25,7 @@ from .common import check_head, head_to_train, wrap
 MERGEABLE = False
 TRAINS_BASE = False
 HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+LR_RANGE = (1e-4, 1e-2)  # virtual key/values are few
 
 
 class Config(Section):
@@ -56,6 +58,16 @@ def check_model(cfg: Config, model_config, head: str) -> None:
     raise ConfigError(f"prefix tuning feeds its prefix to every layer as past_key_values, which {name} "
                       f"({model_config.model_type}) does not accept", where="tuning.kind",
                       hint="use prompt tuning, lora or ia3 with this model")
+
+
+def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
+    """Fewer virtual tokens for overfitting or forgetting, more for underfitting."""
+    if symptom != "underfit":
+        return [Change("tuning.tokens", cfg.tokens, cfg.tokens // 2)] if cfg.tokens > 1 else []
+    more = [Change("tuning.tokens", cfg.tokens, cfg.tokens * 2)]
+    if symptom == "underfit" and not getattr(cfg, "projection", True):
+        more.append(Change("tuning.projection", False, True))
+    return more
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):

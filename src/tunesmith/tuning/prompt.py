@@ -16,6 +16,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
+from ..axes import Change
 from ..errors import ConfigError
 from ..models.load import is_decoder_only
 from ..schema import Section
@@ -24,6 +25,7 @@ from .common import check_head, head_to_train, is_meta, wrap
 MERGEABLE = False
 TRAINS_BASE = False
 HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+LR_RANGE = (1e-3, 3e-1)  # Lester et al. train the soft prompt at 0.3
 
 
 class Config(Section):
@@ -54,6 +56,14 @@ def check_model(cfg: Config, model_config, head: str) -> None:
                           "embeddings, so padded rows would be read at a padding position", where="tuning.kind",
                           hint="use prefix tuning, lora or ia3 to classify with a decoder model, or prompt tuning "
                                "with an encoder (BERT-style) model")
+
+
+def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
+    """Fewer virtual tokens for overfitting or forgetting, more for underfitting."""
+    if symptom != "underfit":
+        return [Change("tuning.tokens", cfg.tokens, cfg.tokens // 2)] if cfg.tokens > 1 else []
+    more = [Change("tuning.tokens", cfg.tokens, cfg.tokens * 2)]
+    return more
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
