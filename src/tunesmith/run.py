@@ -503,7 +503,9 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
         if results["kl"] > obj.kl_bound:
             warnings.append(f"the tuned model's KL to the reference on {split} prompts is {results['kl']:.2f} nats per "
                             f"answer, above objective.kl_bound {obj.kl_bound}: it may be exploiting the reward; "
-                            "raise objective.kl.coef or lower objective.kl.target")
+                            f"raise objective.kl.coef ({obj.kl.coef:g} -> {obj.kl.coef * 2 or 0.1:g})"
+                            + (f" or lower objective.kl.target ({obj.kl.target:g} -> {obj.kl.target / 2:g})"
+                               if obj.kl.adaptive else ""))
     trainable, total = counts
     summary = {
         "name": cfg.name,
