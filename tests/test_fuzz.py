@@ -385,6 +385,12 @@ def command_cases(rng: random.Random) -> list[Case]:
     for name, change in changes.items():
         out.append(Case(f"run-{name}-predict", damaged(change, predict)))
         out.append(Case(f"run-{name}-eval", damaged(change, evaluate)))
+    # the digests of the rows a run trained on, read when eval checks --data against them
+    rows = {"garbage": lambda r: (r / "train_rows.json").write_text("{"),
+            "digests": lambda r: (r / "train_rows.json").write_text('{"views": {"text": "not base64!"}}')}
+    for name, change in rows.items():
+        out.append(Case(f"run-train-rows-{name}-eval", damaged(change, lambda env, run: [
+            "eval", str(run), "--data", str(env.data), "--split", "train"])))
     return out
 
 

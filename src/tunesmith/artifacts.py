@@ -4,6 +4,8 @@
   manifest.json    library versions, data file hashes, seed, git commit, model head arguments
   status.json      running / failed (with the error) / completed
   data_card.json   rows, label balance, token lengths, truncation per split
+  train_rows.json  8-byte digests of the rows it trained on (data.checks.trained_rows): `eval` and `compare`
+                   leave those rows out of the data they score
   metrics.jsonl    one line per log step and per evaluation
   checkpoints/     for --resume, and the best weights for early stopping
   adapter/         peft adapter + tokenizer (parameter-efficient tunings), or
@@ -29,6 +31,7 @@ from pathlib import Path
 from .errors import TunesmithError
 
 SUMMARY, STATUS, CONFIG, MANIFEST = "summary.json", "status.json", "config.yaml", "manifest.json"
+TRAIN_ROWS = "train_rows.json"
 MARKER = ".tunesmith-run"
 """Written into every run folder tunesmith creates; --force deletes only folders that carry it."""
 LOCK = ".lock"

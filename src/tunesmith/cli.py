@@ -138,6 +138,7 @@ def cmd_eval(args) -> int:
     from .build import starting_model
     from .data.load import rename_columns
     from .data.sources import Split, read
+    from .evaluate import overlap
     from .evaluate.score import evaluate
     from .trained import load_trained
 
@@ -149,13 +150,15 @@ def cmd_eval(args) -> int:
         found = found[args.split]
     assert isinstance(found, Split)
     part = rename_columns(found, {k: v for k, v in trained.data_cfg.columns.items() if v in found.columns()})
+    part, train_overlap = overlap.apply(overlap.find(trained, part), part, args.allow_train_overlap, args.run, args.data)
     prepared = trained.objective.prepare({args.split: part}, trained.tokenizer, trained.obj_cfg, trained.data_cfg)
     if hasattr(trained.objective, "attach_reference_for"):  # an objective that scores against the start
         trained.objective.attach_reference_for(trained, prepared.examples, args.batch_size, lambda: starting_model(
             trained.cfg, trained.name, trained.tokenizer.pad_token_id))
     scores = evaluate(trained.model, trained.objective, trained.obj_cfg, prepared.examples[args.split],
                       args.batch_size, trained.tokenizer.pad_token_id, None, args.split)
-    print(json.dumps({"split": args.split, "rows": len(part.rows), **scores}, indent=2))
+    facts = {"train_overlap": train_overlap} if train_overlap is not None else {}
+    print(json.dumps({"split": args.split, "rows": len(part.rows), **facts, **scores}, indent=2))
     return 0
 
 
@@ -223,7 +226,8 @@ def cmd_compare(args) -> int:
     from .evaluate.compare import compare
 
     folder, scores = compare(args.base, args.run, args.data, args.split, args.prompts, args.max_new_tokens,
-                             Path(args.out) if args.out else None, trust_remote_code=args.trust_remote_code)
+                             Path(args.out) if args.out else None, trust_remote_code=args.trust_remote_code,
+                             allow_train_overlap=args.allow_train_overlap)
     print(f"\n{'':<14}{'base':>10}{'tuned':>10}")
     for key, tuned in scores["tuned"].items():
         print(f"{key:<14}{scores['base'][key]:>10.4f}{tuned:>10.4f}")
@@ -296,12 +300,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
 
+    def overlap_flag(s):
+        s.add_argument("--allow-train-overlap", action="store_true",
+                       help="keep rows of --data that the run trained on (exact or near copies; left out by default) "
+                            "and score them, with a warning")
+
     s = sub.add_parser("eval", help="score a run (or a model folder) on a dataset")
     s.add_argument("run", help="run folder (runs/<name>) or model folder")
     s.add_argument("--data", required=True, help="file, folder or sample:<name>")
     s.add_argument("--split", default="test", help="split to score when --data holds several (default: test)")
     s.add_argument("--batch-size", type=_positive, default=32)
     s.add_argument("--task", help="multitask runs: the task to score (its head and labels)")
+    overlap_flag(s)
 
     s = sub.add_parser("predict", help="run a trained model on texts (arguments, or one per line on stdin)")
     s.add_argument("run")
@@ -332,6 +342,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="split to use when --data holds several (default: test)")
     s.add_argument("--prompts", type=_positive, help="use the first N rows (default: all)")
     s.add_argument("--out", help="report folder (default: RUN/compare)")
+    overlap_flag(s)
     generation_flags(s, system=False)
     s = sub.add_parser("export", help="write a run's model as a merged transformers folder or a GGUF file")
     s.add_argument("run", help="run folder (runs/<name>)")

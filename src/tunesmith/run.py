@@ -190,6 +190,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
             (run_dir / artifacts.CONFIG).write_text(dump(cfg), encoding="utf-8")
             artifacts.write_json(run_dir / artifacts.MANIFEST, artifacts.manifest(cfg, prepared.model_kwargs))
             artifacts.write_json(run_dir / "data_card.json", prepared.card)
+            if report.trained is not None:
+                artifacts.write_json(run_dir / artifacts.TRAIN_ROWS, report.trained)
         accelerator.wait_for_everyone()
         distill = distilling.settings(cfg)
         hard = distilling.hard_label_run(cfg, run_dir, resume) if distill and distill.compare_hard_labels else None

@@ -18,6 +18,8 @@ reappear elsewhere: the whole example (`text`) and, where the row has one, its p
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -200,6 +202,9 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     """Rows removed per split."""
+    trained: dict | None = field(default=None, repr=False)
+    """The rows that train on, after drops (`trained_rows`): kept in the run folder so that scoring data later
+    can leave them out."""
 
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.policy == "error"]
@@ -329,7 +334,64 @@ def check_rows(splits: dict, cfg) -> tuple[dict, Report]:
             if not out[name].rows:
                 raise DataError(f"the data checks' drop policy removed every row of {name}",
                                 where="data.checks", hint="look at the report above; the data is mostly copies")
+    report.trained = trained_rows([out[n] for n in TRAINED_SPLITS if n in out])
     return out, report
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows a run trained on, as digests: what `tunesmith eval` / `compare` leave out of the data they score
+
+TRAINED_SPLITS = ("train", "replay")
+"""Splits whose rows a run trains on (replay rows join train)."""
+DIGEST = "blake2b-64 of the normalised view"
+
+
+def digest(key: str) -> bytes:
+    """8 bytes that stand for a normalised text (a collision among a million rows has odds of about 1 in 10^7)."""
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+
+
+def trained_rows(parts: list) -> dict:
+    """The digests of every view (`comparable_texts`) of the rows in `parts`, for the run folder's train_rows.json:
+    {"digest": ..., "rows": n, "views": {"text": base64 of 8 bytes per distinct text, "prompt": ...}}."""
+    views: dict[str, set[bytes]] = defaultdict(set)
+    rows = 0
+    for part in parts:
+        for row in part.rows:
+            rows += 1
+            for view, text in comparable_texts(row).items():
+                if normalise(text):
+                    views[view].add(digest(normalise(text)))
+    return {"digest": DIGEST, "rows": rows,
+            "views": {v: base64.b64encode(b"".join(sorted(d))).decode("ascii") for v, d in views.items()}}
+
+
+def record_digests(record: dict) -> dict[str, set[bytes]]:
+    """train_rows.json's views back as sets of digests."""
+    out = {}
+    for view, text in (record.get("views") or {}).items():
+        raw = base64.b64decode(text)
+        out[view] = {raw[i:i + 8] for i in range(0, len(raw), 8)}
+    return out
+
+
+def trained_on(record: dict, part) -> list[int]:
+    """Rows of `part` with a view (the whole example, or its prompt) that is, after normalising, the same view of
+    a row the record's run trained on: the exact-copy check of training, against digests."""
+    seen = record_digests(record)
+    return [i for i, row in enumerate(part.rows)
+            if any(normalise(t) and digest(normalise(t)) in seen.get(v, ()) for v, t in comparable_texts(row).items())]
+
+
+def near_copies(train, part, leak) -> list[int]:
+    """Rows of `part` with an exact or near copy in the split `train`, found by the training checks' own leakage
+    check (`leak`: a LeakageConfig) with both policies at warn."""
+    from .config import ChecksConfig
+
+    cfg = ChecksConfig(leakage=leak.model_copy(update={"exact": "warn", "near": "warn"}), duplicates="off",
+                       empty="off")
+    _, report = check_rows({"train": train, "test": part}, cfg)
+    return sorted({i for f in report.findings if f.check == "leakage" for i in f.rows})
 
 
 def _empty(rows: _Rows, cfg, report: Report, drop) -> None:

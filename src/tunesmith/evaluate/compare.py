@@ -87,14 +87,16 @@ def side_by_side(items: list[dict], base_gens, tuned_gens) -> list[dict]:
 
 
 def write_report(folder: Path, title: str, names: tuple[str, str], scores: tuple[dict, dict], rows: list[dict],
-                 directions: dict, stem: str = "compare") -> list[Path]:
-    """compare.md, compare.html and compare.json in `folder`; `directions` as in `render_html`."""
+                 directions: dict, stem: str = "compare", extra: dict | None = None) -> list[Path]:
+    """compare.md, compare.html and compare.json in `folder`; `directions` as in `render_html`; `extra`: more
+    keys for compare.json (e.g. train_overlap)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.{ext}" for ext in ("md", "html", "json")]
     paths[0].write_text(render_markdown(title, names, scores, rows), encoding="utf-8")
     paths[1].write_text(render_html(title, names, scores, rows, directions), encoding="utf-8")
     paths[2].write_text(json.dumps({"base": names[0], "tuned": names[1], "scores": {"base": scores[0],
-                                    "tuned": scores[1]}, "rows": rows}, indent=1, ensure_ascii=False) + "\n",
+                                    "tuned": scores[1]}, **(extra or {}), "rows": rows}, indent=1,
+                                   ensure_ascii=False) + "\n",
                         encoding="utf-8")
     return paths
 
@@ -105,12 +107,15 @@ def _same_vocabulary(a, b) -> bool:
 
 def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts: int | None = None,
             max_new_tokens: int | None = None, out: Path | None = None, batch_size: int = 8,
-            trust_remote_code: bool = False) -> tuple[Path, dict]:
-    """Generate with base and tuned model on the same prompts from `data`, score both, write the report."""
+            trust_remote_code: bool = False, allow_train_overlap: bool = False) -> tuple[Path, dict]:
+    """Generate with base and tuned model on the same prompts from `data`, score both, write the report. Rows the
+    run trained on are left out before the first `prompts` rows are taken (kept, with a warning, with
+    `allow_train_overlap`); the scores' `train_overlap` says how many."""
     from ..data.formats import split_format
     from ..data.load import rename_columns
     from ..data.sources import Split, read
     from ..trained import load_trained
+    from . import overlap
     from .generation import evaluate_generation
     from .score import evaluate
 
@@ -132,6 +137,7 @@ def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts
         found = found[split]
     assert isinstance(found, Split)
     part = rename_columns(found, {k: v for k, v in tuned.data_cfg.columns.items() if v in found.columns()})
+    part, train_overlap = overlap.apply(overlap.find(tuned, part), part, allow_train_overlap, run_ref, data)
     if prompts is not None:
         part = part.subset(list(range(min(prompts, len(part.rows)))))
     if split_format(part, tuned.data_cfg.format) == "text":
@@ -155,5 +161,7 @@ def compare(base_ref: str, run_ref: str, data: str, split: str = "test", prompts
     rows = side_by_side(items, *generations)
     folder = out or Path(run_ref) / "compare"
     title = f"{Path(run_ref).name}: base vs tuned on {where}"
-    write_report(folder, title, (base_ref, run_ref), (scores[0], scores[1]), rows, metric_directions(objective))
-    return folder, {"base": scores[0], "tuned": scores[1]}
+    facts = {"train_overlap": train_overlap} if train_overlap is not None else {}
+    write_report(folder, title, (base_ref, run_ref), (scores[0], scores[1]), rows, metric_directions(objective),
+                 extra=facts)
+    return folder, {"base": scores[0], "tuned": scores[1], **facts}

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ..data.checks import Report, check_card, check_rows
+from ..data.checks import Report, check_card, check_rows, trained_rows
 from ..errors import TunesmithError
 from ..objectives import DEFAULT as DEFAULT_OBJECTIVE
 from ..objectives import OBJECTIVES
@@ -123,6 +123,7 @@ def prepare(run_cfg, tokenizer):
         _adopt(report, rep, f"{task.name}: ", task.name)
         splits.append(found)
     splits = _cross_task_leakage(cfg.tasks, splits, report)
+    report.trained = trained_rows([parts["train"] for parts in splits])
 
     examples: dict[str, list[dict]] = {}
     card: dict = {"tasks": {}}
