@@ -110,3 +110,17 @@ def test_forgetting_advice_follows_the_regime_already_in_use(tmp_path):
     text = advice.render(cont)
     assert "regime.kind" not in text  # it already is continual
     assert "raise regime.penalty.weight (0.01 -> 0.1)" in text and "raise regime.replay.fraction (0.2 -> 0.4)" in text
+
+
+def test_the_forgetting_warning_advises_from_the_run(tmp_path):
+    from tunesmith.evaluate.forgetting import Probe, compare
+
+    cfg = config(tmp_path, "lora", "train.lr=1e-4", objective="clm")
+    probe = Probe([{"input_ids": [1, 2]}], "causal-lm", ["general"], 2)
+    out = compare({"perplexity": 10.0, "loss": 2.30}, {"perplexity": 20.0, "loss": 3.0}, cfg.eval.forgetting, probe,
+                  cfg)
+    assert out["warning"]
+    assert "lower tuning.r (16 -> 8)" in out["message"] and "lower train.lr (0.0001 -> 5e-05)" in out["message"]
+    assert "set regime.kind (single -> continual) and regime.replay.fraction 0.2" in out["message"]
+    assert "lora" not in out["message"].replace("tuning.", "")
+    assert {"key": "tuning.r", "now": 16, "to": 8} in out["advice"]

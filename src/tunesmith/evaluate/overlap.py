@@ -78,8 +78,8 @@ def apply(found: Overlap | None, part, allow: bool, run: str, data: str):
     if found is None:
         return part, None
     if not found.checked:
-        print(f"note: {run} keeps no record of its training rows (train_rows.json: a run from an older tunesmith), "
-              f"so {data} is not checked against them", file=sys.stderr)
+        print(f"note: {run} keeps no record of its training rows (no train_rows.json: a run from an older tunesmith, "
+              f"or a task sequence), so {data} is not checked against them", file=sys.stderr)
         return part, {"checked": False}
     n, total = len(found.rows), found.total
     info = {"rows": n, "of": total, "excluded": n > 0 and not allow, "checked": found.checked}
