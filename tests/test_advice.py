@@ -13,7 +13,8 @@ from tunesmith.tuning import TUNINGS
 
 SYMPTOMS = {"overfit": advice.overfitting, "underfit": advice.underfitting, "forget": advice.forgetting}
 NOT_DEFAULT = {"lora": ["tuning.r=16"], "dora": ["tuning.r=4", "tuning.dropout=0.1"], "qlora": ["tuning.r=2"],
-               "freeze": ["tuning.train_last=2"], "prefix": ["tuning.tokens=10"], "adapter": ["tuning.reduction_factor=8"],
+               "freeze": ["tuning.train_last=2"], "prefix": ["tuning.tokens=10"],
+               "adapter": ["tuning.reduction_factor=8"],
                "ia3": ["tuning.layers=[0, 1]"]}
 """Some runs with values other than the defaults, so a hint that ignores the config shows."""
 
@@ -124,3 +125,16 @@ def test_the_forgetting_warning_advises_from_the_run(tmp_path):
     assert "set regime.kind (single -> continual) and regime.replay.fraction 0.2" in out["message"]
     assert "lora" not in out["message"].replace("tuning.", "")
     assert {"key": "tuning.r", "now": 16, "to": 8} in out["advice"]
+
+
+def test_no_better_than_base_advises_from_the_run(tmp_path):
+    from tunesmith.evaluate.diagnose import _underfitting
+
+    cfg = config(tmp_path, "lora", "train.lr=1e-4")
+    base, tuned = {"validation": {"accuracy": 0.6}}, {"validation": {"accuracy": 0.5}}
+    found = _underfitting([], [], {"train_rows": 500}, cfg, "accuracy", "max", base, tuned, None, overfit=False)
+    assert "raise train.lr (0.0001 -> 0.001), raise train.epochs (3 -> 6), or raise tuning.r (16 -> 32)" \
+        in found[0]["suggestion"]
+    found = _underfitting([], [], {"train_rows": 500}, cfg, "accuracy", "max", base, tuned, None, overfit=True)
+    assert "lower tuning.r (16 -> 8)" in found[0]["suggestion"] and "add training rows (now 500)" in found[0]["suggestion"]
+    assert "lora" not in found[0]["suggestion"].replace("tuning.", "")

@@ -150,7 +150,8 @@ def cmd_eval(args) -> int:
         found = found[args.split]
     assert isinstance(found, Split)
     part = rename_columns(found, {k: v for k, v in trained.data_cfg.columns.items() if v in found.columns()})
-    part, train_overlap = overlap.apply(overlap.find(trained, part), part, args.allow_train_overlap, args.run, args.data)
+    part, train_overlap = overlap.apply(overlap.find(trained, part), part, args.allow_train_overlap, args.run,
+                                        args.data)
     prepared = trained.objective.prepare({args.split: part}, trained.tokenizer, trained.obj_cfg, trained.data_cfg)
     if hasattr(trained.objective, "attach_reference_for"):  # an objective that scores against the start
         trained.objective.attach_reference_for(trained, prepared.examples, args.batch_size, lambda: starting_model(

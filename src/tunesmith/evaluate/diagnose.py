@@ -216,7 +216,8 @@ def _underfitting(logs, evals, trained, cfg, watch, direction: Direction, base, 
         found.append({"finding": f"validation {watch} {tuned_val[watch]:.4f} is no better than the base model's "
                                  f"{base_val[watch]:.4f}",
                       "suggestion": "the model fit its training rows without generalising: check that the labels "
-                                    "are right; then " + advice.render(advice.fewer_weights(cfg, trained.get("train_rows")))
+                                    "are right; then "
+                                    + advice.render(advice.fewer_weights(cfg, trained.get("train_rows")))
                                     if overfit else
                                     "check that the labels and data are right; then lower train.lr (now "
                                     f"{lr:g}; try {lr / 10:g}): the training loss rose above its start" if unstable else

@@ -72,7 +72,9 @@ def advice(cfg: Config, symptom: str, head: str) -> list[Change]:
         return []
     if cfg.layers is not None:
         return [Change("tuning.layers", cfg.layers, None)]
-    return [Change("tuning.kind", cfg.kind, lora.Config().kind, "which trains more weights")] if head in lora.HEADS else []
+    if head not in lora.HEADS:
+        return []
+    return [Change("tuning.kind", cfg.kind, lora.Config().kind, "which trains more weights")]
 
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
