@@ -236,23 +236,23 @@ SAME = 1e-9
 
 def _no_better_than_trivial(evals: list[dict], cfg, watch: str, direction: Direction, results: dict,
                             baselines: dict | None) -> list[dict]:
-    """The tuned model against the trivial baselines on the watched metric: no better than the best of them on
-    test (else validation), or validation sitting at one baseline's score at every evaluation (a classifier
-    stuck on one class). A new random head makes "better than base" easy; these make it honest."""
+    """The tuned model against the trivial baselines on the watched metric: no better than some of them on test
+    (else validation; each such baseline named), or validation sitting at one baseline's score at every
+    evaluation (a classifier stuck on one class). A new random head makes "better than base" easy; these make
+    it honest."""
     if direction is None or not baselines:
         return []
     found = []
     split = "test" if "test" in results else "validation"
     scored = [(name, b) for name, b in baselines.items() if watch in (b.get(split) or {})]
     tuned = (results.get(split) or {}).get(watch)
-    if tuned is not None and scored:
-        name, best = scored[0]
-        for other, b in scored[1:]:
-            if better(direction, b[split][watch], best[split][watch]):
-                name, best = other, b
-        if not better(direction, tuned, best[split][watch]):
-            found.append({"finding": f"tuned {split} {watch} {tuned:.4f} is no better than {best['about']} "
-                                     f"({name} baseline {best[split][watch]:.4f})",
+    if tuned is not None:
+        # every baseline it does not beat, the weakest first: "no better than always predicting 'pos'" says most
+        beaten_by = [(name, b) for name, b in scored if not better(direction, tuned, b[split][watch])]
+        beaten_by.sort(key=lambda nb: nb[1][split][watch], reverse=direction == "min")
+        if beaten_by:
+            found.append({"finding": f"tuned {split} {watch} {tuned:.4f} is no better than " + ", nor than ".join(
+                              f"{b['about']} ({name} baseline {b[split][watch]:.4f})" for name, b in beaten_by),
                           "suggestion": _learn_more(cfg)})
     scores = [e[watch] for e in evals if watch in e]
     for name, b in baselines.items():

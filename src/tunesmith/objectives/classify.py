@@ -151,7 +151,8 @@ def baselines(prepared: Prepared, cfg: Config, seed: int) -> dict:
     for split, examples in held.items():
         top, outputs = trivial.majority(train_labels, [e["labels"] for e in examples], len(names))
         out.setdefault("majority", {"about": f"always predicting {names[top]!r}"})[split] = metrics(outputs, cfg)
-    bow = out["bag_of_words"] = {"about": "a logistic regression on unigram and bigram counts of the train texts"}
+    bow = out["bag_of_words"] = {"about": "a logistic regression on unigram and bigram counts of the tokens, fit to "
+                                          "train"}
     try:
         scored, seconds = trivial.bag_of_words([e["input_ids"] for e in train], train_labels,
                                                {s: ([e["input_ids"] for e in ex], [e["labels"] for e in ex])
