@@ -39,6 +39,19 @@ def better(direction: Direction, a: float, b: float | None, min_delta: float = 0
     return False
 
 
+def improves(direction: Direction, a: float, best: float | None, min_delta: float = 0.0,
+             loss: float | None = None, best_loss: float | None = None) -> bool:
+    """True if a score `a` (with its loss) should replace the best so far: `better` by more than `min_delta`, or
+    a tie with a lower loss. A tie is a score at least as good as the best but not better by more than
+    `min_delta` (never a worse one), so among evaluations equal on the metric the one with the lowest loss wins."""
+    if better(direction, a, best, min_delta):
+        return True
+    if best is None or direction is None or loss is None or best_loss is None:
+        return False
+    at_least = a >= best if direction == "max" else a <= best
+    return at_least and loss < best_loss
+
+
 def metric_directions(objective) -> dict[str, Direction]:
     """Every metric an objective reports (training-time and generation metrics) with its direction."""
     return {**objective.METRICS, **getattr(objective, "GENERATION_METRICS", {})}
@@ -208,6 +221,12 @@ class ObjectiveHooks(Protocol):
 
     def plan_kwargs(self, cfg) -> dict:
         """Model-building arguments when no data is read (`tunesmith plan`: e.g. num_labels)."""
+
+    def baselines(self, prepared, cfg, seed: int) -> dict:
+        """Trivial predictors scored on the held-out splits beside base and tuned (evaluate/baselines.py: the
+        majority class, a bag-of-words model, chance): {name: {"about": what it does, <split>: metrics in
+        METRICS}}, or {"about", "skipped": why} for one that would not be cheap. The diagnosis warns when the
+        tuned model does not beat them."""
 
 
 # ---------------------------------------------------------------------------------------------- regime

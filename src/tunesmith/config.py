@@ -63,9 +63,10 @@ class EarlyStoppingConfig(Section):
     metric: Optional[str] = None
     """Validation metric to watch; default: the objective's main metric (e.g. accuracy, loss)."""
     patience: int = Field(3, ge=1)
-    """Evaluations without improvement before stopping."""
+    """Evaluations without improvement before stopping (a tie won on the loss is an improvement)."""
     min_delta: float = Field(0.0, ge=0)
-    """Smallest change that counts as an improvement."""
+    """Smallest change that counts as an improvement. A score at least as good as the best but not better by
+    more than this is a tie: the evaluation with the lower validation loss wins it (becomes the best checkpoint)."""
 
 
 class TrainConfig(Section):

@@ -131,12 +131,18 @@ def print_card(card: dict, title: str = "data card") -> None:
         print(line)
 
 
-def print_comparison(base: dict | None, tuned: dict) -> None:
+def print_comparison(base: dict | None, tuned: dict, baselines: dict | None = None) -> None:
+    """The test table: the trivial baselines (if any), the base model and the tuned model, one metric a row."""
     width = max([12] + [len(k) + 2 for k in tuned])  # a task's metrics read `<task>/accuracy`
-    print(f"\n{'test':<{width}}{'base':>10}{'tuned':>10}")
-    for key, value in tuned.items():
-        b = f"{base[key]:.4f}" if base and key in base else "-"
-        print(f"{key:<{width}}{b:>10}{value:>10.4f}")
+    columns = {name: b.get("test") or {} for name, b in (baselines or {}).items()}
+    columns.update(base=base or {}, tuned=tuned)
+    widths = {name: max(10, len(name) + 2) for name in columns}
+    print("\n" + f"{'test':<{width}}" + "".join(f"{name:>{widths[name]}}" for name in columns))
+    for key in tuned:
+        cells = "".join(f"{f'{col[key]:.4f}' if key in col else '-':>{widths[name]}}" for name, col in columns.items())
+        print(f"{key:<{width}}{cells}")
+    for name, b in (baselines or {}).items():
+        print(f"  {name}: {b['about']}" + (f" (skipped: {b['skipped']})" if "skipped" in b else ""))
 
 
 def print_diagnosis(diagnosis: dict, forgot: dict | None) -> None:
@@ -270,6 +276,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     objective = flow.objective
     gen_items = generation_items(cfg, objective, prepared)
     base, base_answers, gen_seconds = score_base(flow, model, gen_items)
+    trivial = score_baselines(flow)
     # The model holds its starting weights here (a resumed run loads its checkpoint inside fit).
     probe_before = forgetting.measure(model, probe, tokenizer.pad_token_id, flow.eval_bs, accelerator.device) \
         if probe else None
@@ -291,10 +298,10 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     watch = cfg.train.early_stopping.metric or objective.MAIN_METRIC
     rows = (prepared.card.get("train") or {}).get("rows")  # for advice: "more training rows (now ...)"
     diagnosis = diagnose(read_history(run_dir), {**trained, "train_rows": rows}, cfg, watch, objective.METRICS[watch],
-                         base, results, update_size(start, model))
+                         base, results, update_size(start, model), trivial)
     del start
     results, base = reported(cfg, results, base)
-    summary = run_summary(flow, trained, counts, results, base, forgot, diagnosis)
+    summary = run_summary(flow, trained, counts, results, base, forgot, diagnosis, reported_baselines(cfg, trivial))
     save_run(flow, model, summary, (gen_items, base_answers, answers, gen_seconds), (base, results), side)
     return summary
 
@@ -373,6 +380,18 @@ def score_base(flow: Flow, model, gen_items: list[dict]):
     return base, base_answers, gen_seconds
 
 
+def score_baselines(flow: Flow) -> dict | None:
+    """The objective's trivial baselines on the held-out splits (majority class, bag-of-words, chance), or None
+    for an objective that has none. Cheap and seeded, so a resumed run scores them again."""
+    hook = getattr(flow.objective, "baselines", None)
+    found = hook(flow.prepared, flow.cfg.objective, flow.cfg.train.seed) if hook else None
+    for name, b in (found or {}).items():
+        scores = "; ".join(f"{s} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+                           for s, m in b.items() if isinstance(m, dict))
+        flow.say(f"baseline {name} ({b['about']}): " + (scores or f"skipped: {b['skipped']}"))
+    return found or None
+
+
 def score_tuned(flow: Flow, model, gen_items: list[dict]):
     """The tuned model's scores per held-out split and its answers: (results, answers, seconds or None)."""
     cfg, prepared = flow.cfg, flow.prepared
@@ -400,11 +419,24 @@ def reported(cfg: RunConfig, results: dict, base: dict | None):
     return results, base
 
 
-def run_summary(flow: Flow, trained: dict, counts, results: dict, base: dict | None, forgot, diagnosis) -> dict:
+def reported_baselines(cfg: RunConfig, trivial: dict | None) -> dict | None:
+    """The baselines' scores narrowed to `eval.metrics` as base and tuned are ("about", "skipped" kept)."""
+    if not trivial:
+        return None
+    out = {}
+    for name, b in trivial.items():
+        scores = {k: v for k, v in b.items() if isinstance(v, dict)}
+        out[name] = {**{k: v for k, v in b.items() if k not in scores}, **reported(cfg, scores, None)[0]}
+    return out
+
+
+def run_summary(flow: Flow, trained: dict, counts, results: dict, base: dict | None, forgot, diagnosis,
+                baselines: dict | None = None) -> dict:
     return {
         "name": flow.cfg.name,
         **results,
         "base": base,
+        **({"baselines": baselines} if baselines else {}),
         "train": {k: v for k, v in trained.items() if k != "validation_history"},
         "params": params_summary(*counts),
         "checks": checks_summary(flow.report),
@@ -444,7 +476,7 @@ def save_run(flow: Flow, model, summary: dict, generation, scores, side: dict | 
     sizes = (lambda weights: {"distill": distilling.with_sizes(side, cfg, run_dir, weights)}) if side else None
     write_run(run_dir, flow.tuning, model, flow.tokenizer, summary, sizes)
     if "test" in results:
-        print_comparison((base or {}).get("test"), results["test"])
+        print_comparison((base or {}).get("test"), results["test"], summary.get("baselines"))
     if side is not None:
         distilling.print_table(summary["distill"], flow.objective.MAIN_METRIC)
     print_diagnosis(summary["diagnosis"], summary["forgetting"])

@@ -7,7 +7,9 @@ scores and the size of the weight update. Every finding comes with the change to
   overfitting   validation loss (or the watched metric) got worse after its best while the training
                 loss kept falling; the train/validation gap over time
   underfitting  training loss close to where it started, validation no better than the base model,
-                a vanishing update, a run that ended while validation was still improving
+                a vanishing update, a run that ended while validation was still improving; a tuned model
+                no better than a trivial baseline (the majority class, ...), or validation sitting at a
+                baseline's score at every evaluation
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def update_size(start: dict, model) -> dict:
 
 
 def diagnose(history: list[dict], trained: dict, cfg, watch: str, direction: Direction, base: dict | None,
-             results: dict, update: dict | None) -> dict:
+             results: dict, update: dict | None, baselines: dict | None = None) -> dict:
     """The diagnosis written to summary.json under `diagnosis`; `warnings` lists what needs attention.
-    `watch` is the metric early stopping watched, `direction` whether it is better high or low."""
+    `watch` is the metric early stopping watched, `direction` whether it is better high or low; `baselines`
+    the objective's trivial baselines ({name: {"about", <split>: metrics}}, evaluate/baselines.py)."""
     evals = [h for h in history if h.get("split") == "validation"]
     logs = [h for h in history if "split" not in h and "loss" in h]
     out = {"early_stopping": _early_stopping(trained, cfg, watch, bool(evals))}
@@ -61,6 +64,7 @@ def diagnose(history: list[dict], trained: dict, cfg, watch: str, direction: Dir
     out["overfitting"] = _overfitting(evals, watch, direction, trained, cfg)
     out["underfitting"] = _underfitting(logs, evals, trained, cfg, watch, direction, base, results, update,
                                         overfit=out["overfitting"]["warning"])
+    out["underfitting"] += _no_better_than_trivial(evals, cfg, watch, direction, results, baselines)
     if update is not None:
         out["update"] = {"relative": round(update["relative"], 6), "norm": round(update["norm"], 4)}
     out["warnings"] = ([out["overfitting"]["message"]] if out["overfitting"]["warning"] else []) + \
@@ -233,3 +237,43 @@ def _underfitting(logs, evals, trained, cfg, watch, direction: Direction, base, 
                                  f"({evals[-2][watch]:.4f} -> {evals[-1][watch]:.4f})",
                       "suggestion": f"train longer: {longer} (early stopping stops it once it stops improving)"})
     return found
+
+
+SAME = 1e-9
+"""Scores this close are the same score (a validation accuracy "at the majority rate")."""
+
+
+def _no_better_than_trivial(evals: list[dict], cfg, watch: str, direction: Direction, results: dict,
+                            baselines: dict | None) -> list[dict]:
+    """The tuned model against the trivial baselines on the watched metric: no better than some of them on test
+    (else validation; each such baseline named), or validation sitting at one baseline's score at every
+    evaluation (a classifier stuck on one class). A new random head makes "better than base" easy; these make
+    it honest."""
+    if direction is None or not baselines:
+        return []
+    found = []
+    split = "test" if "test" in results else "validation"
+    scored = [(name, b) for name, b in baselines.items() if watch in (b.get(split) or {})]
+    tuned = (results.get(split) or {}).get(watch)
+    if tuned is not None:
+        # every baseline it does not beat, the weakest first: "no better than always predicting 'pos'" says most
+        beaten_by = [(name, b) for name, b in scored if not better(direction, tuned, b[split][watch])]
+        beaten_by.sort(key=lambda nb: nb[1][split][watch], reverse=direction == "min")
+        if beaten_by:
+            found.append({"finding": f"tuned {split} {watch} {tuned:.4f} is no better than " + ", nor than ".join(
+                              f"{b['about']} ({name} baseline {b[split][watch]:.4f})" for name, b in beaten_by),
+                          "suggestion": _learn_more(cfg)})
+    scores = [e[watch] for e in evals if watch in e]
+    for name, b in baselines.items():
+        rate = (b.get("validation") or {}).get(watch)
+        if rate is not None and len(scores) >= 2 and all(abs(v - rate) <= SAME for v in scores):
+            found.append({"finding": f"validation {watch} sat at {rate:.4f}, the {name} baseline's ({b['about']}), "
+                                     f"at all {len(scores)} evaluations",
+                          "suggestion": _learn_more(cfg)})
+            break
+    return found
+
+
+def _learn_more(cfg) -> str:
+    """The change to try for a model that learned no more than the label shares, from the run's settings."""
+    return "check that the labels match the texts; then " + advice.render(advice.underfitting(cfg))

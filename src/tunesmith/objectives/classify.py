@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError
+from ..evaluate import baselines as trivial
 from ..evaluate.metrics import accuracy, macro_f1
 from ..schema import Section
 from .common import Loss, Prepared
@@ -131,6 +132,37 @@ def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
         "macro_f1": macro_f1(outputs["pred"], outputs["label"]),
         "loss": sum(outputs["loss"]) / max(1, len(outputs["loss"])),
     }
+
+
+HELD_OUT = ("validation", "test")
+
+
+def baselines(prepared: Prepared, cfg: Config, seed: int) -> dict:
+    """What the data gives away for free, scored on the held-out splits as the model is: always the commonest
+    train label, and a bag-of-words logistic regression on the train token ids. {name: {"about": what it does,
+    <split>: metrics}}; a baseline that would not be cheap has "skipped": why instead of scores."""
+    train = prepared.examples["train"]
+    held = {s: prepared.examples[s] for s in HELD_OUT if prepared.examples.get(s)}
+    if not held:
+        return {}
+    names = {int(k): v for k, v in prepared.model_kwargs["id2label"].items()}
+    train_labels = [e["labels"] for e in train]
+    out = {}
+    for split, examples in held.items():
+        top, outputs = trivial.majority(train_labels, [e["labels"] for e in examples], len(names))
+        out.setdefault("majority", {"about": f"always predicting {names[top]!r}"})[split] = metrics(outputs, cfg)
+    bow = out["bag_of_words"] = {"about": "a logistic regression on unigram and bigram counts of the tokens, fit to "
+                                          "train"}
+    try:
+        scored, seconds = trivial.bag_of_words([e["input_ids"] for e in train], train_labels,
+                                               {s: ([e["input_ids"] for e in ex], [e["labels"] for e in ex])
+                                                for s, ex in held.items()}, len(names), seed)
+    except trivial.Skipped as e:
+        bow["skipped"] = str(e)
+        return out
+    bow.update({s: metrics(o, cfg) for s, o in scored.items()})
+    bow["seconds"] = round(seconds, 1)
+    return out
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from pydantic import Field
 
 from ..data.collate import collate
 from ..errors import ConfigError
+from ..evaluate.baselines import chance_pairs
 from ..schema import Section
 from .common import Loss, Prepared
 from .pairs import prepare_pairs
@@ -126,6 +127,15 @@ def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
     margins = [c - r for c, r in zip(outputs["chosen"], outputs["rejected"])]
     n = max(1, len(margins))
     return {"accuracy": preference_accuracy(margins), "margin": sum(margins) / n, "loss": sum(outputs["loss"]) / n}
+
+
+def baselines(prepared: Prepared, cfg: Config, seed: int) -> dict:
+    """Chance: a model that cannot tell the answers apart ties every held-out pair (accuracy 0.5, loss log 2)."""
+    held = {s: len(prepared.examples[s]) for s in ("validation", "test") if prepared.examples.get(s)}
+    if not held:
+        return {}
+    return {"chance": {"about": "a coin toss between the two answers",
+                       **{s: metrics(chance_pairs(n), cfg) for s, n in held.items()}}}
 
 
 @torch.no_grad()

@@ -6,10 +6,10 @@ regime's penalty gradient (once per step), clip, step. Accumulating this way giv
 gradient of the equivalent large batch.
 
 Around that: warmup + decay schedule, evaluation every N steps or each epoch, early stopping with
-best-checkpoint restore, checkpoints that `--resume` continues from bit-for-bit on CPU, a progress
-bar, and one JSON line per log step in metrics.jsonl. Each validation line also carries the mean
-training loss since the previous evaluation (`train_loss`), so the train/validation gap can be read
-from the log.
+best-checkpoint restore (a tie on the watched metric goes to the lower validation loss), checkpoints
+that `--resume` continues from bit-for-bit on CPU, a progress bar, and one JSON line per log step in
+metrics.jsonl. Each validation line also carries the mean training loss since the previous evaluation
+(`train_loss`), so the train/validation gap can be read from the log.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ..axes import better
+from ..axes import improves
 from ..data.batches import shard, train_batches
 from ..data.collate import collate
 from ..errors import TunesmithError
@@ -48,6 +48,8 @@ class LoopState:
     """Optimizer steps already taken within the current epoch."""
     best: float | None = None
     best_step: int | None = None
+    best_loss: float | None = None
+    """The validation loss at the best step: a later evaluation that ties the best score wins with a lower loss."""
     bad_evals: int = 0
     stopped_early: bool = False
     examples: int = 0
@@ -286,8 +288,9 @@ def _evaluate(run: Fit) -> bool:
     if run.watch not in scores:
         raise TunesmithError(f"early stopping watches {run.watch!r}, which evaluation did not report "
                              f"(reported: {', '.join(scores)})", where="train.early_stopping.metric")
-    if better(run.direction, scores[run.watch], state.best, es.min_delta):
-        state.best, state.best_step, state.bad_evals = scores[run.watch], state.step, 0
+    loss = scores.get("loss") if run.objective.METRICS.get("loss") == "min" else None
+    if improves(run.direction, scores[run.watch], state.best, es.min_delta, loss, state.best_loss):
+        state.best, state.best_step, state.best_loss, state.bad_evals = scores[run.watch], state.step, loss, 0
         if es.enabled and acc.is_main_process:
             checkpoint.save_best(run.ckpt_dir, acc.unwrap_model(run.model))
     else:
