@@ -128,11 +128,12 @@ def test_a_run_that_learned_nothing_is_told_it_is_no_better_than_the_majority(in
     warning = next(w for w in summary["diagnosis"]["warnings"] if "baseline" in w)
     assert (f"tuned test accuracy {summary['test']['accuracy']:.4f} is no better than always predicting 'pos' "
             f"(majority baseline {maj:.4f})") in warning
-    assert "raise train.lr (now 1e-12; try 1e-11)" in warning
+    assert "then raise train.lr (1e-12 -> " in warning  # the low end of the tuning's usual range
 
 
 def _cfg(**train):
-    return SimpleNamespace(train=SimpleNamespace(**{"lr": 1e-3, "epochs": 2, "max_steps": None, **train},
+    return SimpleNamespace(train=SimpleNamespace(**{"lr": 1e-3, "epochs": 2, "max_steps": None, "weight_decay": 0.0,
+                                                    **train},
                                                  early_stopping=SimpleNamespace(enabled=True, patience=3)))
 
 
@@ -151,7 +152,7 @@ def test_validation_at_the_majority_rate_at_every_evaluation_is_an_underfitting_
     assert "validation accuracy sat at 0.6250, the majority baseline's (always predicting 'neg'), at all 3" in found
     # test accuracy 0.7 beats the majority but not the bag of words: the best trivial baseline is named
     assert "tuned test accuracy 0.7000 is no better than a logistic regression (bag_of_words baseline 0.7500)" in found
-    assert "train.epochs 2 -> 4" in diag["warnings"][-1]
+    assert "raise train.epochs (2 -> 4)" in diag["warnings"][-1]
     # one evaluation off the rate, and a tuned model above every baseline: nothing to say
     history[1]["accuracy"] = 0.65
     results["test"]["accuracy"] = 0.8

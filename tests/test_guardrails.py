@@ -97,7 +97,7 @@ def test_a_run_that_barely_learned_is_diagnosed_with_the_change_to_try(in_tmp, t
     diag = read(in_tmp / "runs" / "tiny")["diagnosis"]
     findings = " | ".join(f"{u['finding']} -> {u['suggestion']}" for u in diag["underfitting"])
     assert "training loss barely moved" in findings and "the weights barely changed" in findings
-    assert "try 1e-06" in findings  # the suggested learning rate
+    assert "raise train.lr (1e-07 -> " in findings  # the suggested learning rate
     assert diag["update"]["relative"] < 1e-3
     assert diag["warnings"]
 
@@ -258,9 +258,9 @@ def test_flat_loss_that_rose_first_asks_for_a_lower_learning_rate():
     rose = [{"step": 5, "loss": 4.14}, {"step": 15, "loss": 4.70}, {"step": 40, "loss": 4.27}]
     calm = [{"step": 5, "loss": 4.14}, {"step": 15, "loss": 4.10}, {"step": 40, "loss": 4.05}]
     found = _underfitting(rose, [], {}, cfg, "loss", "min", None, {}, None, overfit=False)
-    assert "lower train.lr (now 0.001; try 0.0001)" in found[0]["suggestion"] and "step 15" in found[0]["finding"]
+    assert "lower train.lr (0.001 -> 0.0001)" in found[0]["suggestion"] and "step 15" in found[0]["finding"]
     found = _underfitting(calm, [], {}, cfg, "loss", "min", None, {}, None, overfit=False)
-    assert "raise train.lr (now 0.001; try 0.01)" in found[0]["suggestion"]
+    assert "raise train.lr (0.001 -> 0.01)" in found[0]["suggestion"]
 
 
 def test_flat_loss_reads_a_short_last_log_with_the_one_before():

@@ -46,20 +46,21 @@ def _method(cfg, registry: dict, section: str, symptom: Symptom) -> list[Change]
     return list(hook(part, symptom, _head(cfg))) if hook else []
 
 
-def lower_lr(cfg) -> list[Change]:
-    """Half the learning rate, unless it is already at the low end of what suits the tuning."""
+def lower_lr(cfg, factor: float = 2) -> list[Change]:
+    """The learning rate divided by `factor`, unless it is already at the low end of what suits the tuning."""
     lr, (low, _) = cfg.train.lr, _lr_range(cfg)
     if low is not None and lr <= low:
         return []
-    return [Change("train.lr", lr, _nice(max(lr / 2, low or 0)))]
+    return [Change("train.lr", lr, _nice(max(lr / factor, low or 0)))]
 
 
 def higher_lr(cfg, factor: float = 10) -> list[Change]:
-    """`factor` times the learning rate (at most the top of what suits the tuning), unless it is there already."""
-    lr, (_, high) = cfg.train.lr, _lr_range(cfg)
+    """`factor` times the learning rate, at least the low end and at most the top of what suits the tuning
+    (an lr far below the range goes straight to its low end), unless it is at the top already."""
+    lr, (low, high) = cfg.train.lr, _lr_range(cfg)
     if high is not None and lr >= high:
         return []
-    return [Change("train.lr", lr, _nice(min(lr * factor, high or float("inf"))))]
+    return [Change("train.lr", lr, _nice(min(max(lr * factor, low or 0), high or float("inf"))))]
 
 
 def longer(cfg) -> list[Change]:

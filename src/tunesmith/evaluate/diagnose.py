@@ -206,14 +206,14 @@ def _underfitting(logs, evals, trained, cfg, watch, direction: Direction, base, 
                                      f"{last:.4f} over steps {_steps(logs[-1])} ({(last - first) / first:+.1%})"
                                      + (f", after rising to {peak['loss']:.4f} at step {peak['step']}" if unstable
                                         else ""),
-                          "suggestion": f"lower train.lr (now {lr:g}; try {lr / 10:g}): a loss that rises first is a "
+                          "suggestion": advice.render(advice.lower_lr(cfg, 10)) + ": a loss that rises first is a "
                                         "step size too large" if unstable else
-                                        f"raise train.lr (now {lr:g}; try {lr * 10:g}) or train longer "
-                                        f"({advice.render(advice.longer(cfg))})"})
+                                        advice.render(advice.higher_lr(cfg) + advice.longer(cfg))})
     if update is not None and update["relative"] < TINY_UPDATE and not overfit:
         tiny = True
         found.append({"finding": f"the weights barely changed: ||w - w0|| / ||w0|| = {update['relative']:.2e}",
-                      "suggestion": f"train.lr={lr:g} is likely too low; try {lr * 10:g}"})
+                      "suggestion": f"train.lr={lr:g} is likely too low: "
+                                    + (advice.render(advice.higher_lr(cfg)) or "train longer")})
     base_val = (base or {}).get("validation") or {}
     tuned_val = results.get("validation") or {}
     if watch in base_val and watch in tuned_val and not better(direction, tuned_val[watch], base_val[watch]):
@@ -223,8 +223,9 @@ def _underfitting(logs, evals, trained, cfg, watch, direction: Direction, base, 
                                     "are right; then "
                                     + advice.render(advice.fewer_weights(cfg, trained.get("train_rows")))
                                     if overfit else
-                                    "check that the labels and data are right; then lower train.lr (now "
-                                    f"{lr:g}; try {lr / 10:g}): the training loss rose above its start" if unstable else
+                                    "check that the labels and data are right; then "
+                                    + advice.render(advice.lower_lr(cfg, 10)) + ": the training loss rose above its "
+                                    "start" if unstable else
                                     "check that the labels and data are right; then "
                                     + advice.render(advice.underfitting(cfg))
                                     + (" (the loss and the weights barely moved)" if flat or tiny else "")})
