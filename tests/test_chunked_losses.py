@@ -205,27 +205,32 @@ def test_held_out_scores_equal_the_full_logits(tiny_llama):
 
 
 def _logit_sized_saved(model, vocab: int, run) -> int:
-    """Elements of the tensors of vocabulary width (last dimension) that autograd keeps for backward, weights
-    (and views of them) left out."""
+    """Elements of the tensors of vocabulary width (last dimension) that autograd still holds for backward when
+    the forward pass is over, weights (and views of them) left out."""
+    import weakref
+
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
+    saved = []
 
     def pack_hook(t):
         storage = t.untyped_storage()
         if t.dim() >= 2 and t.shape[-1] == vocab and storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes() // t.element_size()
+            saved.append((weakref.ref(t), storage.data_ptr(), storage.nbytes() // t.element_size()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-        run().backward()
-    return sum(kept.values())
+        loss = run()
+    alive = {ptr: n for ref, ptr, n in saved if ref() is not None}
+    loss.backward()
+    return sum(alive.values())
 
 
-def test_chunked_loss_keeps_no_logits_for_backward_even_with_dropout_in_the_head(tiny_llama):
-    """Training mode, LoRA with dropout on the output layer: the chunked path is still taken (the check of the
-    first batch draws the same dropout mask as the model's call), and what backward keeps of vocabulary width
-    is at most one position per row, where the full path keeps every position's logits."""
-    model, _ = _tuned(tiny_llama, {"kind": "lora", "r": 4, "dropout": 0.5, "targets": ["q_proj", "lm_head"]})
+@pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "lm_head"]], ids=["frozen-head", "lora-on-head"])
+def test_chunked_loss_keeps_no_logits_for_backward(tiny_llama, targets):
+    """Training mode, LoRA (with dropout, on the output layer too in one case): the chunked path is taken (the
+    check of the first batch draws the same dropout mask as the model's call), and what backward keeps of
+    vocabulary width is at most one position per row, where the full path keeps every position's logits."""
+    model, _ = _tuned(tiny_llama, {"kind": "lora", "r": 4, "dropout": 0.5, "targets": targets})
     model.train()
     vocab = model.get_output_embeddings().out_features
     batch = _batch(False)

@@ -5,11 +5,13 @@ Without the full logits. A loss needs the output layer only at target tokens (an
 masked 15% in mlm), and never all of them at once: `head_run` runs the model with its output layer fed one
 position per row (a forward pre-hook keeps what it would have read: the last hidden states), the target
 positions are gathered, and `chunked_losses` runs the output layer and the cross-entropy over `chunk` of them
-at a time, each chunk checkpointed so the backward pass recomputes its logits instead of keeping them. The
-[tokens x vocab] logits and their softmax copies are never all alive: a chunk of them is. (torchtune's
-CEWithChunkedOutputLoss chunks only the float upcast and keeps every chunk for backward; Liger's fused
-linear cross-entropy computes gradients in the forward pass, which needs the upstream gradient to be one
-scalar: per-sequence log-probs (dpo) break that, recomputation does not.)
+at a time, so the [tokens x vocab] logits and their softmax copies are never all alive: a chunk of them is.
+For backward, a frozen output layer (LoRA and the other adapters) has its gradient with respect to its input
+taken chunk by chunk in the forward pass (nothing kept, nothing recomputed: no slower than the full logits);
+a trainable one (full tuning, tied embeddings) has each chunk checkpointed, its logits recomputed in backward.
+(torchtune's CEWithChunkedOutputLoss chunks only the float upcast and keeps every chunk for backward; Liger's fused
+linear cross-entropy computes the weight's gradient in the forward pass too, which needs the upstream gradient
+to be one scalar: per-sequence log-probs (dpo) break that, recomputation does not.)
 
 Whatever the output layer is (a Linear tied to the embeddings, a peft LoRA or modules_to_save wrapper
 of it, BERT's MLM decoder), it is called as the model calls it, so gradients reach the same weights. A
@@ -149,13 +151,44 @@ def _chunk_losses(head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(head(rows).float(), targets, reduction="none")
 
 
+class _FrozenHeadLosses(torch.autograd.Function):
+    """Per-row cross-entropy through an output layer with no trainable weights, its gradient taken in the forward
+    pass, chunk by chunk: a row's loss depends on its own row alone, so d loss_i / d row_i is all backward needs
+    (scaled by the upstream gradient of loss_i), and no logits are kept or recomputed. (With trainable weights
+    their gradient sums over rows weighted by upstream gradients not known yet: those heads recompute instead.)"""
+
+    @staticmethod
+    def forward(ctx, rows, targets, head, chunk):
+        losses, grads = [], []
+        for s in range(0, len(rows), chunk):
+            with torch.enable_grad():
+                part = rows[s:s + chunk].detach().requires_grad_(True)
+                loss = _chunk_losses(head, part, targets[s:s + chunk])
+                grads.append(torch.autograd.grad(loss.sum(), part)[0])
+            losses.append(loss.detach())
+        ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_grads,) = ctx.saved_tensors
+        return row_grads * grad.unsqueeze(-1).to(row_grads.dtype), None, None, None
+
+
 def chunked_losses(head, rows: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Cross-entropy of `head(rows)` against `targets`, per row, `chunk` rows at a time; with gradients, each
-    chunk's logits are recomputed in the backward pass instead of kept."""
-    grad = torch.is_grad_enabled()
-    parts = [checkpoint(_chunk_losses, head, rows[s:s + chunk], targets[s:s + chunk], use_reentrant=False) if grad
-             else _chunk_losses(head, rows[s:s + chunk], targets[s:s + chunk]) for s in range(0, len(rows), chunk)]
-    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+    """Cross-entropy of `head(rows)` against `targets`, per row, `chunk` rows at a time. With gradients, a frozen
+    output layer's gradient is taken chunk by chunk in the forward pass (`_FrozenHeadLosses`); a trainable one's
+    chunks are checkpointed, their logits recomputed in the backward pass instead of kept."""
+    if not len(rows):
+        return rows.new_zeros(0, dtype=torch.float32)
+    trainable_head = any(p.requires_grad for p in head.parameters())
+    if not torch.is_grad_enabled() or not (rows.requires_grad or trainable_head):
+        return torch.cat([_chunk_losses(head, rows[s:s + chunk], targets[s:s + chunk])
+                          for s in range(0, len(rows), chunk)])
+    if not trainable_head:
+        return _FrozenHeadLosses.apply(rows, targets, head, chunk)
+    return torch.cat([checkpoint(_chunk_losses, head, rows[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+                      for s in range(0, len(rows), chunk)])
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
