@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+from pydantic import Field
+
 from ..data.pack import blocks, pack
 from ..data.templates import ChatFormat
 from ..data.tokenize import length_stats, tokenize_texts
@@ -19,7 +21,7 @@ from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
 from .distill import DistillConfig
-from .lm import causal_eval_step, causal_loss, token_metrics
+from .lm import LOSS_CHUNK, causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
 METRICS = {"loss": "min", "perplexity": "min"}
@@ -38,6 +40,10 @@ class Config(Section):
     distill: Optional[DistillConfig] = None
     """Also learn from a teacher's outputs (knowledge distillation, objectives/distill.py), e.g.
     `{teacher: runs/<name>, temperature: 2.0, alpha: 0.5}`."""
+    loss_chunk: int = Field(LOSS_CHUNK, ge=0)
+    """Target tokens whose vocabulary-wide logits exist at a time: the output layer and the loss run over them
+    chunk by chunk, recomputed in the backward pass, so a batch's logits are never all held (objectives/lm.py);
+    0: the whole batch's logits at once."""
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:

@@ -8,10 +8,11 @@ One code path serves every objective whose Config has a `distill:` field; the un
 averages over: an example for classify (the class logits), a target token for clm and sft (the next-token
 logits over the vocabulary; for sft only answer tokens are targets, so only they are distilled).
 
-For causal LMs the teacher's vocabulary-wide logits are never formed for the whole batch: the teacher's last
-hidden states are taken at the target tokens only, and its output layer runs over chunks of `chunk_tokens`
-of them; the KL of each chunk is checkpointed, so the backward pass recomputes a chunk's softmaxes instead of
-storing them for every token. The student's own logits exist once, as for any causal LM loss.
+For causal LMs neither model's vocabulary-wide logits are formed for the whole batch: both models' last
+hidden states are taken at the target tokens only, and their output layers run over chunks of them
+(`chunk_tokens`, and the task's `loss_chunk`: the smaller); the task loss and the KL of each chunk are
+checkpointed together, so the backward pass recomputes a chunk's logits and softmaxes instead of storing them
+for every token (objectives/lm.py). With `loss_chunk: 0` the student's logits exist once, in full.
 
 This module never loads a model: the run layer builds the teacher (eval mode, no gradients, never saved with
 the student) and hands it to `Distilled`, which wraps the task objective and exposes the same functions.
@@ -30,7 +31,7 @@ from ..data.collate import IGNORE_INDEX
 from ..errors import ConfigError
 from ..schema import Section
 from .common import Loss
-from .lm import causal_lm_logits, shifted_token_losses
+from .lm import LOSS_CHUNK, causal_inputs, causal_lm_logits, chunked_losses, head_run, shifted_targets
 
 
 METRICS = {"teacher_agreement": "max"}
@@ -60,7 +61,8 @@ class DistillConfig(Section):
     """Also train the same student on the labels alone (same train section, same seed), into <run>/hard-labels,
     and put it in the teacher / student table."""
     chunk_tokens: int = Field(1024, ge=1)
-    """Causal LMs: target tokens per chunk of the token-level KL (bounds the vocabulary-wide softmaxes held)."""
+    """Causal LMs: target tokens per chunk of the token-level KL (bounds the vocabulary-wide softmaxes held; the
+    objective's loss_chunk, if smaller, bounds it too)."""
 
 
 def kl_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -112,8 +114,15 @@ class Teacher:
         return self.model.get_output_embeddings()(states).float()
 
 
-def _chunk_kl(student_flat, idx, teacher_rows, teacher: Teacher, temperature: float) -> torch.Tensor:
-    return kl_sum(teacher.logits_at(teacher_rows), student_flat.index_select(0, idx), temperature)
+_AS_IS = torch.nn.Identity()
+"""The "output layer" of rows that are already logits (the student's full logits, when it has no chunked path)."""
+
+
+def _chunk_terms(head, rows, targets, teacher_rows, teacher: Teacher, temperature: float) -> torch.Tensor:
+    """[summed cross-entropy, summed KL] of one chunk of target tokens; `head(rows)` are the student's logits."""
+    logits = head(rows).float()
+    return torch.stack([F.cross_entropy(logits, targets, reduction="sum"),
+                        kl_sum(teacher.logits_at(teacher_rows), logits, temperature)])
 
 
 def _cosine_sum(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
@@ -155,14 +164,9 @@ class Distilled:
                 per_token = 1 - F.cosine_similarity(out.hidden_states[-1].float(), t_hidden.float(), dim=-1)
                 cos = ((per_token * mask.squeeze(-1)).sum(-1) / mask.squeeze(-1).sum(-1).clamp(min=1)).sum()
         else:
-            out = model(input_ids=batch["input_ids"], use_cache=False, output_hidden_states=hidden,
-                        **({"position_ids": batch["position_ids"]} if "position_ids" in batch
-                           else {"attention_mask": batch["attention_mask"]}))
-            losses, mask = shifted_token_losses(out.logits, batch["labels"])
-            task, count = losses.sum(), mask.sum()
-            if cfg.alpha == 1 and not hidden:
+            task, soft, cos, count = self._token_terms(model, batch, obj_cfg, hidden)
+            if soft is None:
                 return Loss(task, count, {"task_loss": float(task.detach()) / max(1, int(count))})
-            soft, cos = self._token_terms(out, batch, mask, hidden)
         total = cfg.alpha * task + (1 - cfg.alpha) * cfg.temperature ** 2 * soft
         n = max(1, int(count))
         metrics = {"task_loss": float(task.detach()) / n, "kd_loss": float(soft.detach()) / n}
@@ -171,25 +175,35 @@ class Distilled:
             metrics["cosine_loss"] = float(cos.detach()) / n
         return Loss(total, count, metrics)
 
-    def _token_terms(self, out, batch, mask, hidden: bool):
-        """Summed KL over the target tokens, in checkpointed chunks, and the cosine term there (or None)."""
+    def _student_rows(self, model, batch, obj_cfg, mask, hidden: bool = False):
+        """(model output, output layer, the student's rows at the target tokens `mask`, tokens per chunk): rows
+        are last hidden states on the chunked path, else logits (and the layer the identity)."""
+        chunk = getattr(obj_cfg, "loss_chunk", LOSS_CHUNK)
+        inputs = {**causal_inputs(batch), **({"output_hidden_states": True} if hidden else {})}
+        run = head_run(model, inputs) if chunk > 0 else None
+        if run is not None:
+            return run.out, run.head, run.hidden[mask], min(chunk, self.cfg.chunk_tokens)
+        out = model(**inputs)
+        return out, _AS_IS, out.logits[mask], self.cfg.chunk_tokens
+
+    def _token_terms(self, model, batch, obj_cfg, hidden: bool):
+        """(summed task loss, summed KL or None when alpha is 1, summed cosine term or None, target count) over
+        the target tokens, chunk by chunk, each chunk checkpointed."""
         cfg = self.cfg
-        b, t = mask.nonzero(as_tuple=True)  # position t predicts label t + 1
-        seq = out.logits.size(1)
-        flat_idx = b * seq + t
-        student_flat = out.logits.reshape(-1, out.logits.size(-1))
-        states = self.teacher.body(batch)
-        rows = states.reshape(-1, states.size(-1)).index_select(0, flat_idx)
-        soft = out.logits.new_zeros((), dtype=torch.float32)
-        for s in range(0, len(flat_idx), cfg.chunk_tokens):
-            idx, chunk = flat_idx[s:s + cfg.chunk_tokens], rows[s:s + cfg.chunk_tokens]
-            soft = soft + checkpoint(_chunk_kl, student_flat, idx, chunk, self.teacher, cfg.temperature,
-                                     use_reentrant=False)
-        cos = None
-        if hidden:
-            s_h = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].size(-1)).index_select(0, flat_idx)
-            cos = _cosine_sum(s_h, rows)
-        return soft, cos
+        targets = shifted_targets(batch["labels"])  # position t predicts label t + 1
+        mask = targets != IGNORE_INDEX
+        out, head, rows, size = self._student_rows(model, batch, obj_cfg, mask, hidden)
+        y = targets[mask]
+        if cfg.alpha == 1 and not hidden:
+            return chunked_losses(head, rows, y, size).sum(), None, None, mask.sum()
+        states = self.teacher.body(batch)[mask]
+        terms = rows.new_zeros(2, dtype=torch.float32)
+        for s in range(0, len(y), size):
+            part = (head, rows[s:s + size], y[s:s + size], states[s:s + size], self.teacher, cfg.temperature)
+            terms = terms + (checkpoint(_chunk_terms, *part, use_reentrant=False) if torch.is_grad_enabled()
+                             else _chunk_terms(*part))
+        cos = _cosine_sum(out.hidden_states[-1][mask], states) if hidden else None
+        return terms[0], terms[1], cos, mask.sum()
 
     @torch.no_grad()
     def eval_step(self, model, batch, obj_cfg) -> dict[str, list]:
@@ -198,13 +212,14 @@ class Distilled:
             t_logits, _ = self.teacher.classify({k: v for k, v in batch.items() if k != "teacher_row"}, False)
             step["agree"] = (torch.tensor(step["pred"], device=t_logits.device) == t_logits.argmax(-1)).int().tolist()
             return step
-        logits = causal_lm_logits(model, batch)
-        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-        b, t = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-        student_top = logits[b, t].argmax(-1)
-        states = self.teacher.body(batch)[b, t]
-        teacher_top = torch.cat([self.teacher.logits_at(states[s:s + self.cfg.chunk_tokens]).argmax(-1)
-                                 for s in range(0, len(b), self.cfg.chunk_tokens)]) if len(b) else student_top
+        mask = shifted_targets(batch["labels"]) != IGNORE_INDEX
+        _, head, rows, size = self._student_rows(model, batch, obj_cfg, mask)
+        b = mask.nonzero(as_tuple=True)[0]
+        states = self.teacher.body(batch)[mask]
+        student_top = torch.cat([head(rows[s:s + size]).argmax(-1) for s in range(0, len(b), size)]) if len(b) \
+            else b
+        teacher_top = torch.cat([self.teacher.logits_at(states[s:s + size]).argmax(-1)
+                                 for s in range(0, len(b), size)]) if len(b) else b
         same = (student_top == teacher_top).int()
         step["agree"] = [int(same[b == i].sum()) for i in range(batch["input_ids"].size(0))]
         return step

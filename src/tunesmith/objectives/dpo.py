@@ -43,7 +43,7 @@ from ..errors import TunesmithError
 from ..progress import bar
 from ..schema import Section
 from .common import Loss, Prepared
-from .lm import shifted_token_losses
+from .lm import LOSS_CHUNK, causal_lm_forward
 from .pairs import prepare_pairs
 from .reward import preference_accuracy
 
@@ -71,6 +71,10 @@ class Config(Section):
     """Chat template (as in sft): the tokenizer's own, or a fallback. Saved with the tuned tokenizer."""
     system: Optional[str] = None
     """System message put first in every conversation that has none."""
+    loss_chunk: int = Field(LOSS_CHUNK, ge=0)
+    """Answer tokens whose vocabulary-wide logits exist at a time: the output layer and the loss run over them
+    chunk by chunk, recomputed in the backward pass, so a batch's logits are never all held (objectives/lm.py);
+    0: the whole batch's logits at once."""
 
     @model_validator(mode="after")
     def _smoothing_is_for_sigmoid(self):
@@ -98,17 +102,17 @@ def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(x, (0, width - x.size(1)), value=value)
 
 
-def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch, chunk: int = LOSS_CHUNK
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp chosen, logp rejected, answer tokens chosen, answer tokens rejected): log-probs summed over the
-    answer tokens, from one forward over [chosen; rejected]."""
+    answer tokens, from one forward over [chosen; rejected], their logits `chunk` answer tokens at a time."""
     width = max(batch["input_ids"].size(1), batch["rejected_input_ids"].size(1))
     ids = torch.cat([_pad_to(batch["input_ids"], width, 0), _pad_to(batch["rejected_input_ids"], width, 0)])
     mask = torch.cat([_pad_to(batch["attention_mask"], width, 0), _pad_to(batch["rejected_attention_mask"], width, 0)])
     labels = torch.cat([_pad_to(batch["labels"], width, IGNORE_INDEX),
                         _pad_to(batch["rejected_labels"], width, IGNORE_INDEX)])
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    losses, targets = shifted_token_losses(logits, labels)
-    logps, counts = (-losses.sum(-1)).chunk(2), targets.sum(-1).chunk(2)
+    sums, counts = causal_lm_forward(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, chunk)
+    logps, counts = (-sums).chunk(2), counts.chunk(2)
     return logps[0], logps[1], counts[0], counts[1]
 
 
@@ -121,7 +125,7 @@ def reference_switch(model):
     return switch() if switch is not None else None
 
 
-def reference_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(model, batch, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's (logp chosen, logp rejected): stored in the batch if precomputed, else the same model
     with its adapters off, without gradient."""
     if REF_KEYS[0] in batch:
@@ -132,7 +136,7 @@ def reference_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
                              "log-probs were not precomputed", where="objective.precompute_ref",
                              hint="set objective.precompute_ref: true (or leave it null)")
     with torch.no_grad(), switch:
-        c, r, _, _ = sequence_logps(model, batch)
+        c, r, _, _ = sequence_logps(model, batch, chunk)
     return c.detach(), r.detach()
 
 
@@ -147,15 +151,15 @@ def pair_losses(logp_c, logp_r, ref_c, ref_r, cfg: Config, tokens_c=None, tokens
 
 
 def loss(model, batch, cfg: Config) -> Loss:
-    ref_c, ref_r = reference_logps(model, batch)
-    logp_c, logp_r, n_c, n_r = sequence_logps(model, batch)
+    ref_c, ref_r = reference_logps(model, batch, cfg.loss_chunk)
+    logp_c, logp_r, n_c, n_r = sequence_logps(model, batch, cfg.loss_chunk)
     per_pair = pair_losses(logp_c, logp_r, ref_c, ref_r, cfg, n_c, n_r)
     return Loss(per_pair.sum(), per_pair.numel())
 
 
 def eval_step(model, batch, cfg: Config) -> dict[str, list]:
-    ref_c, ref_r = reference_logps(model, batch)
-    logp_c, logp_r, n_c, n_r = sequence_logps(model, batch)
+    ref_c, ref_r = reference_logps(model, batch, cfg.loss_chunk)
+    logp_c, logp_r, n_c, n_r = sequence_logps(model, batch, cfg.loss_chunk)
     return {"chosen_logps": logp_c.tolist(), "rejected_logps": logp_r.tolist(), "ref_chosen_logps": ref_c.tolist(),
             "ref_rejected_logps": ref_r.tolist(),
             "loss": pair_losses(logp_c, logp_r, ref_c, ref_r, cfg, n_c, n_r).tolist()}
@@ -205,7 +209,7 @@ def attach_reference(model, examples: dict[str, list[dict]], cfg: Config, batch_
             for idx in bar(batches, f"reference {name}"):
                 batch = {k: v.to(device) for k, v in collate([split[i] for i in idx], pad_id).items()}
                 with accelerator.autocast() if accelerator else nullcontext():
-                    c, r, _, _ = sequence_logps(model, batch)
+                    c, r, _, _ = sequence_logps(model, batch, cfg.loss_chunk)
                 for i, ci, ri in zip(idx, c.tolist(), r.tolist()):
                     split[i][REF_KEYS[0]], split[i][REF_KEYS[1]] = ci, ri
     model.train(was_training)

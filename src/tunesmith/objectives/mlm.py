@@ -23,7 +23,7 @@ from ..data.tokenize import length_stats, tokenize_texts
 from ..errors import DataError, ModelError
 from ..schema import Section
 from .common import Loss, Prepared
-from .lm import masked_lm_forward, token_metrics
+from .lm import LOSS_CHUNK, masked_lm_forward, token_metrics
 
 HEAD = "masked-lm"
 METRICS = {"loss": "min", "perplexity": "min"}
@@ -36,6 +36,10 @@ class Config(Section):
     """Masked-token prediction on plain text (encoders)."""
     mask_probability: float = Field(0.15, gt=0, lt=1)
     """Share of (non-special) tokens chosen for prediction; 80% of them masked, 10% random, 10% kept."""
+    loss_chunk: int = Field(LOSS_CHUNK, ge=0)
+    """Masked tokens whose vocabulary-wide logits exist at a time: the output layer and the loss run over them
+    chunk by chunk, recomputed in the backward pass, so a batch's logits are never all held (objectives/lm.py);
+    0: the whole batch's logits at once."""
 
 
 def _choose(maskable: torch.Tensor, probability: float, generator: torch.Generator | None):
@@ -96,7 +100,8 @@ def _forward(model, batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         inputs, labels = mask_tokens(batch["input_ids"], batch["maskable"] * batch["attention_mask"],
                                      batch["mask_id"], model.config.vocab_size, cfg.mask_probability)
-    return masked_lm_forward(model, {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels})
+    return masked_lm_forward(model, {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels},
+                             cfg.loss_chunk)
 
 
 def loss(model, batch, cfg: Config) -> Loss:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+from pydantic import Field
+
 from ..data.collate import IGNORE_INDEX
 from ..data.formats import conversations, split_format
 from ..data.pack import pack
@@ -23,7 +25,7 @@ from ..errors import DataError
 from ..schema import Section
 from .common import Prepared
 from .distill import DistillConfig
-from .lm import causal_eval_step, causal_loss, token_metrics
+from .lm import LOSS_CHUNK, causal_eval_step, causal_loss, token_metrics
 
 HEAD = "causal-lm"
 METRICS = {"loss": "min", "perplexity": "min"}
@@ -49,6 +51,10 @@ class Config(Section):
     distill: Optional[DistillConfig] = None
     """Also learn from a teacher's outputs (knowledge distillation, objectives/distill.py), e.g.
     `{teacher: runs/<name>, temperature: 2.0, alpha: 0.5}`."""
+    loss_chunk: int = Field(LOSS_CHUNK, ge=0)
+    """Answer tokens whose vocabulary-wide logits exist at a time: the output layer and the loss run over them
+    chunk by chunk, recomputed in the backward pass, so a batch's logits are never all held (objectives/lm.py);
+    0: the whole batch's logits at once."""
 
 
 def chat_format(tokenizer, cfg: Config):
