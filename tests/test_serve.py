@@ -22,7 +22,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from tunesmith.cli import main  # noqa: E402
-from tiny import classify_config, sft_config  # noqa: E402
+from tiny import classify_config, make_model_dir, sft_config  # noqa: E402
 
 KEY = "test-key-123"
 
@@ -70,17 +70,21 @@ def runs_dir(tmp_path_factory, tiny_llama, tiny_bert, instruction_dir, sentiment
 
 @pytest.fixture(scope="module")
 def server(runs_dir, tiny_llama, tmp_path_factory):
+    """The server over the runs `sft` and `clf` and two random Llamas that never end their turn, so they always
+    write max_tokens tokens: `tiny-llama` (word-level tokenizer) and `tiny-bpe` (a byte-level BPE tokenizer like
+    SmolLM2's, whose decoded text starts with a space)."""
+    bpe = make_model_dir(tmp_path_factory.mktemp("models") / "tiny-bpe", "llama-bpe")
     log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+", encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(runs_dir / "sft"), str(tiny_llama),
-                             str(runs_dir / "clf"), "--port", "0", "--api-key", KEY, "--queue", "1",
+                             str(runs_dir / "clf"), str(bpe), "--port", "0", "--api-key", KEY, "--queue", "1",
                              "--max-body", "100000", "--max-tokens", "200"],
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 120
     found = None
     while found is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-        found = re.search(r"serving 3 models at (http://127\.0\.0\.1:\d+/v1)", open(log.name).read())
+        found = re.search(r"serving 4 models at (http://127\.0\.0\.1:\d+/v1)", open(log.name).read())
     assert found, f"the server did not start:\n{open(log.name).read()}"
     yield Server(proc, found.group(1), log)
     if proc.poll() is None:
@@ -91,7 +95,7 @@ def server(runs_dir, tiny_llama, tmp_path_factory):
 
 def test_models_list_names_every_served_model(server):
     models = {m.id: m for m in server.client().models.list()}
-    assert set(models) == {"sft", "tiny-llama", "clf"}
+    assert set(models) == {"sft", "tiny-llama", "clf", "tiny-bpe"}
     assert models["sft"].model_extra["kind"] == "chat" and models["clf"].model_extra["kind"] == "classifier"
     assert server.client().models.retrieve("clf").model_extra["objective"] == "classify"
 
@@ -131,6 +135,18 @@ def test_streamed_chunks_join_to_the_non_streamed_greedy_answer(server):
     # the sft run's short answer, streamed, is its non-streamed answer too
     asked = {"model": "sft", "messages": [{"role": "user", "content": "a fun film"}], "temperature": 0}
     assert "".join(_streamed(client, **asked)[0]) == client.chat.completions.create(**asked).choices[0].message.content
+
+
+def test_a_streamed_sampled_answer_is_the_same_text_with_a_bpe_tokenizer(server):
+    """Sampling with a seed repeats the answer, so stream and whole answer can be compared on a tokenizer whose
+    pieces start with spaces: the stream drops the answer's leading space as the whole answer does."""
+    client = server.client()
+    for seed in range(8):  # a random model's answers: some start with a space (seed 4 here), some end with one
+        asked = {"model": "tiny-bpe", "messages": [{"role": "user", "content": "the movie was"}], "temperature": 1.0,
+                 "seed": seed, "max_tokens": 30}
+        whole = client.chat.completions.create(**asked).choices[0].message.content
+        pieces, _ = _streamed(client, **asked)
+        assert len(whole.split()) > 3 and whole == whole.strip() and "".join(pieces) == whole, seed
 
 
 def test_stop_strings_cut_the_answer_streamed_or_not(server):
@@ -243,7 +259,7 @@ def test_a_stream_does_not_block_other_requests(server):
     chunks = iter(stream)
     next(chunks), next(chunks)  # the stream is under way
     started = time.perf_counter()
-    assert {m.id for m in server.client().models.list()} == {"sft", "tiny-llama", "clf"}
+    assert {m.id for m in server.client().models.list()} == {"sft", "tiny-llama", "clf", "tiny-bpe"}
     assert server.http("POST", "/v1/classifications", json.dumps({"model": "clf", "input": "fun"}).encode())[0] in (
         200, 429)  # the worker may be busy with the stream: queued or refused, never stuck behind it
     assert time.perf_counter() - started < 30

@@ -274,7 +274,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve.api import Limits
+    from .serve.service import Limits
     from .serve.server import serve
 
     limits = Limits(max_tokens=args.max_tokens, max_body=args.max_body, workers=args.workers, queue=args.queue,

@@ -16,7 +16,8 @@ import sys
 from contextlib import contextmanager
 
 from ..errors import TunesmithError
-from .api import Limits, build
+from .api import build
+from .service import Limits
 from .models import load
 
 
