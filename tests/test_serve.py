@@ -181,8 +181,8 @@ def test_a_seed_repeats_a_sampled_answer(server):
 
 
 def test_classifier_serves_labels_and_probabilities(server):
-    status, out = server.http("POST", "/v1/classifications",
-                              json.dumps({"model": "clf", "input": ["a great fun film", "an awful dull movie"]}).encode())
+    texts = ["a great fun film", "an awful dull movie"]
+    status, out = server.http("POST", "/v1/classifications", json.dumps({"model": "clf", "input": texts}).encode())
     assert status == 200 and [d["index"] for d in out["data"]] == [0, 1]
     for row in out["data"]:
         assert set(row["probabilities"]) == {"pos", "neg"} and row["label"] in ("pos", "neg")
@@ -325,7 +325,8 @@ def test_runs_lists_run_folders_as_a_table_and_json(runs_dir, capsys):
     assert main(["runs", str(runs_dir), "--json"]) == 0
     data = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     summary = json.loads((runs_dir / "clf" / "summary.json").read_text())
-    assert data["clf"]["tuned"] == summary["test"]["accuracy"] and data["clf"]["base"] == summary["base"]["test"]["accuracy"]
+    assert data["clf"]["tuned"] == summary["test"]["accuracy"]
+    assert data["clf"]["base"] == summary["base"]["test"]["accuracy"]
     assert data["sft"]["tuned"] < data["sft"]["base"]  # sft's main metric is the loss
     assert data["sft"]["seconds"] > 0 and data["sft"]["model"].endswith("tiny-llama")
 

@@ -322,6 +322,27 @@ COMMANDS = {
 }
 
 
+def _serving_parsers(sub) -> None:
+    """`serve` and `runs`."""
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP API over runs or models (see docs/serve.md)")
+    s.add_argument("runs", nargs="+", metavar="RUN_OR_MODEL", help="run folders, model folders or sample:<model>; "
+                                                                   "requests pick one by name")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=_not_negative, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $TUNESMITH_API_KEY, else none)")
+    s.add_argument("--max-tokens", type=_positive, default=1024, help="cap on a request's max_tokens (default: 1024)")
+    s.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body in bytes (default: 1 MiB)")
+    s.add_argument("--workers", type=_positive, default=1, help="generations computed at once (default: 1)")
+    s.add_argument("--queue", type=_not_negative, default=8,
+                   help="requests that may wait for a worker; one more is answered 429 (default: 8)")
+    s.add_argument("--timeout", type=_seconds, default=300.0,
+                   help="seconds a request may take, waiting included (default: 300)")
+
+    s = sub.add_parser("runs", help="list run folders: status, objective, tuning, main metric base -> tuned, time")
+    s.add_argument("dirs", nargs="*", metavar="DIR", help="folders holding run folders (default: runs)")
+    s.add_argument("--json", action="store_true", help="one JSON list of runs")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
     p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
@@ -393,23 +414,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", help="sample names (see --list)")
     s.add_argument("--list", action="store_true", help="list the samples")
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP API over runs or models (see docs/serve.md)")
-    s.add_argument("runs", nargs="+", metavar="RUN_OR_MODEL", help="run folders, model folders or sample:<model>; "
-                                                                   "requests pick one by name")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=_not_negative, default=8000, help="port (default: 8000; 0 picks a free one)")
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $TUNESMITH_API_KEY, else none)")
-    s.add_argument("--max-tokens", type=_positive, default=1024, help="cap on a request's max_tokens (default: 1024)")
-    s.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body in bytes (default: 1 MiB)")
-    s.add_argument("--workers", type=_positive, default=1, help="generations computed at once (default: 1)")
-    s.add_argument("--queue", type=_not_negative, default=8, help="requests that may wait for a worker; more are answered 429 "
-                                                        "(default: 8)")
-    s.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a request may take, queue included "
-                                                                "(default: 300)")
-
-    s = sub.add_parser("runs", help="list run folders: status, objective, tuning, main metric base -> tuned, time")
-    s.add_argument("dirs", nargs="*", metavar="DIR", help="folders holding run folders (default: runs)")
-    s.add_argument("--json", action="store_true", help="one JSON list of runs")
+    _serving_parsers(sub)
 
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
     for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "serve"):

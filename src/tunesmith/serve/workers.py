@@ -41,7 +41,8 @@ class Workers:
         return future
 
     async def run(self, job, cancel: threading.Event, timeout: float):
-        """`job()`'s result, or asyncio.TimeoutError after `timeout` seconds (queue time included; the job is cancelled)."""
+        """`job()`'s result, or asyncio.TimeoutError after `timeout` seconds, waiting included (the job is then
+        cancelled)."""
         future = self.submit(job, cancel)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
