@@ -274,6 +274,19 @@ def test_the_server_stops_cleanly_on_sigterm(server):
     assert "server stopped" in log and "Traceback" not in log
 
 
+def test_a_bad_command_line_fails_before_the_server_starts(runs_dir, tmp_path, capsys):
+    import socket
+
+    assert main(["serve", str(tmp_path / "nowhere"), "--port", "0"]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+    assert main(["serve", str(runs_dir / "sft"), str(runs_dir / "sft"), "--port", "0"]) == 2
+    assert "two models are named 'sft'" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        assert main(["serve", str(runs_dir / "clf"), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and "--port" in err
+
+
 # ---- in-process pieces ------------------------------------------------------------------------------------------
 
 
