@@ -25,6 +25,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def _stdin_texts(what: str) -> list[str]:
     """Non-blank lines of stdin, decoded as UTF-8 (located error for binary input or none at all)."""
     raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
@@ -258,6 +278,31 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.service import Limits
+    from .serve.server import serve
+
+    limits = Limits(max_tokens=args.max_tokens, max_body=args.max_body, workers=args.workers, queue=args.queue,
+                    timeout=args.timeout)
+    api_key = args.api_key or os.environ.get("TUNESMITH_API_KEY") or None
+    return serve(args.runs, args.host, args.port, api_key, limits, trust_remote_code=args.trust_remote_code)
+
+
+def cmd_runs(args) -> int:
+    from pathlib import Path
+
+    from .serve.runs import find, table
+
+    rows = find([Path(d) for d in args.dirs or ["runs"]])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(table(rows))
+    else:
+        print(f"no run folders in {', '.join(args.dirs or ['runs'])}", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(args) -> int:
     from .docs import config_reference
 
@@ -276,8 +321,31 @@ COMMANDS = {
     "compare": cmd_compare,
     "export": cmd_export,
     "pull": cmd_pull,
+    "serve": cmd_serve,
+    "runs": cmd_runs,
     "schema": cmd_schema,
 }
+
+
+def _serving_parsers(sub) -> None:
+    """`serve` and `runs`."""
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP API over runs or models (see docs/serve.md)")
+    s.add_argument("runs", nargs="+", metavar="RUN_OR_MODEL", help="run folders, model folders or sample:<model>; "
+                                                                   "requests pick one by name")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=_not_negative, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $TUNESMITH_API_KEY, else none)")
+    s.add_argument("--max-tokens", type=_positive, default=1024, help="cap on a request's max_tokens (default: 1024)")
+    s.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body in bytes (default: 1 MiB)")
+    s.add_argument("--workers", type=_positive, default=1, help="generations computed at once (default: 1)")
+    s.add_argument("--queue", type=_not_negative, default=8,
+                   help="requests that may wait for a worker; one more is answered 429 (default: 8)")
+    s.add_argument("--timeout", type=_seconds, default=300.0,
+                   help="seconds a request may take, waiting included (default: 300)")
+
+    s = sub.add_parser("runs", help="list run folders: status, objective, tuning, main metric base -> tuned, time")
+    s.add_argument("dirs", nargs="*", metavar="DIR", help="folders holding run folders (default: runs)")
+    s.add_argument("--json", action="store_true", help="one JSON list of runs")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -358,8 +426,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", help="sample names (see --list)")
     s.add_argument("--list", action="store_true", help="list the samples")
 
+    _serving_parsers(sub)
+
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
-    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export"):
+    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "serve"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
             help="allow Python code shipped with the model to run (only this flag, or model.trust_remote_code in "
@@ -406,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         p.print_help()
         return 2
-    rest = next((name for name in ("overrides", "prompts", "texts") if hasattr(args, name)), None)
+    rest = next((name for name in ("overrides", "prompts", "texts", "runs", "dirs") if hasattr(args, name)), None)
     stray = [a for a in extra if a.startswith("-") or rest is None or (rest == "overrides" and "=" not in a)]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
