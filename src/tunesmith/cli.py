@@ -348,27 +348,8 @@ def _serving_parsers(sub) -> None:
     s.add_argument("--json", action="store_true", help="one JSON list of runs")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
-    p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks (anywhere on the command line)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("train", help="fine-tune as a config describes")
-    s.add_argument("config", help="run config (YAML)")
-    s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4 tuning.r=16")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    s.add_argument("--force", action="store_true", help="overwrite an existing run folder of the same name")
-
-    s = sub.add_parser("check", help="run only the data checks: leakage, duplicates, empty rows, truncation, "
-                                     "label balance (exit status 2 when a check under the error policy fails)")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
-
-    s = sub.add_parser("plan", help="count parameters and estimate memory, without loading weights")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
-
+def _using_parsers(sub) -> None:
+    """The commands that use a trained run on data or prompts: eval, predict, generate, chat, compare."""
     def overlap_flag(s):
         s.add_argument("--allow-train-overlap", action="store_true",
                        help="keep rows of --data that the run trained on (exact or near copies; left out by default) "
@@ -413,6 +394,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="report folder (default: RUN/compare)")
     overlap_flag(s)
     generation_flags(s, system=False)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
+    p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks (anywhere on the command line)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("train", help="fine-tune as a config describes")
+    s.add_argument("config", help="run config (YAML)")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4 tuning.r=16")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--force", action="store_true", help="overwrite an existing run folder of the same name")
+
+    s = sub.add_parser("check", help="run only the data checks: leakage, duplicates, empty rows, truncation, "
+                                     "label balance (exit status 2 when a check under the error policy fails)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+
+    s = sub.add_parser("plan", help="count parameters and estimate memory, without loading weights")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+
+    _using_parsers(sub)
+
     s = sub.add_parser("export", help="write a run's model as a merged transformers folder or a GGUF file")
     s.add_argument("run", help="run folder (runs/<name>)")
     s.add_argument("--format", choices=["merged", "gguf"], default="merged",
