@@ -258,6 +258,15 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .report.html import write
+
+    print(write(Path(args.run)))
+    return 0
+
+
 def cmd_schema(args) -> int:
     from .docs import config_reference
 
@@ -277,6 +286,7 @@ COMMANDS = {
     "export": cmd_export,
     "pull": cmd_pull,
     "schema": cmd_schema,
+    "report": cmd_report,
 }
 
 
@@ -359,6 +369,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the samples")
 
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
+
+    s = sub.add_parser("report", help="write (again) a run folder's report.html: curves, data, results, findings")
+    s.add_argument("run", help="run folder, e.g. runs/<name>")
     for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
