@@ -84,8 +84,8 @@ def test_classify_report_has_curves_lengths_confusion_and_escapes_data(in_tmp, t
 def test_sft_report_shows_generation_samples_escaped(in_tmp, tiny_llama):
     rows = instruction_rows(96, seed=1)
     rows[0]["instruction"] = f"good {SCRIPT}"
-    write_jsonl(in_tmp / "train.jsonl", rows[:64])
-    write_jsonl(in_tmp / "test.jsonl", [rows[0]] + rows[64:80])
+    write_jsonl(in_tmp / "train.jsonl", rows[1:65])
+    write_jsonl(in_tmp / "test.jsonl", [rows[0]] + rows[65:80])
     cfg = sft_config(in_tmp / "c.yaml", tiny_llama, in_tmp / "train.jsonl",
                      extra=f"")
     assert main(["train", str(cfg), f"data.test={in_tmp / 'test.jsonl'}", "train.epochs=1",

@@ -48,6 +48,8 @@ def start(accelerator, cfg, run_dir: Path) -> None:
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
 
+        # a file store inside the run folder: nothing to set up, travels with the run (MLflow 3 wants an opt-in)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         init["mlflow"] = {"run_name": cfg.name}
     if "wandb" in names:
