@@ -369,9 +369,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the samples")
 
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
-
-    s = sub.add_parser("report", help="write (again) a run folder's report.html: curves, data, results, findings")
-    s.add_argument("run", help="run folder, e.g. runs/<name>")
+    sub.add_parser("report", help="write (again) a run folder's report.html: curves, data, results, findings"
+                   ).add_argument("run", help="run folder, e.g. runs/<name>")
     for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
