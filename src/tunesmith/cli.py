@@ -303,6 +303,15 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .report.html import write
+
+    print(write(Path(args.run)))
+    return 0
+
+
 def cmd_schema(args) -> int:
     from .docs import config_reference
 
@@ -324,6 +333,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "runs": cmd_runs,
     "schema": cmd_schema,
+    "report": cmd_report,
 }
 
 
@@ -435,6 +445,8 @@ def parser() -> argparse.ArgumentParser:
     _serving_parsers(sub)
 
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
+    sub.add_parser("report", help="write (again) a run folder's report.html: curves, data, results, findings"
+                   ).add_argument("run", help="run folder, e.g. runs/<name>")
     for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "serve"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
