@@ -36,8 +36,8 @@ class FeatureCache:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.rows: dict[tuple, torch.Tensor] = {}
-        self.batch: tuple[list[tuple], torch.Tensor] | None = None
-        """The current call's (keys, lengths), or None when this call runs the plain path."""
+        self.batch: tuple[list[tuple], torch.Tensor, tuple[int, int]] | None = None
+        """The current call's (keys, lengths, (rows, width)), or None when this call runs the plain path."""
         self.lookup = False
         """True while every row of the current call is stored: the frozen blocks are skipped."""
         self.computed = 0
@@ -72,7 +72,7 @@ class FeatureCache:
             return  # not right-padded: positions would differ from the stored rows'
         rows = ids.tolist()
         keys = [tuple(row[:n]) for row, n in zip(rows, lengths.tolist())]
-        self.batch = (keys, lengths)
+        self.batch = (keys, lengths, tuple(ids.shape))
         self.lookup = all(k in self.rows for k in keys)
 
     def end(self, module, args, kwargs, output):
@@ -82,7 +82,7 @@ class FeatureCache:
 
     def stored(self, hidden: torch.Tensor) -> torch.Tensor:
         """The stored rows of the current call, padded with zeros to `hidden`'s shape."""
-        keys, _ = self.batch
+        keys = self.batch[0]
         out = hidden.new_zeros(hidden.shape)
         for r, key in enumerate(keys):
             row = self.rows[key]
@@ -91,7 +91,7 @@ class FeatureCache:
         return out
 
     def store(self, hidden: torch.Tensor) -> None:
-        keys, lengths = self.batch
+        keys, lengths, _ = self.batch
         for r, (key, n) in enumerate(zip(keys, lengths.tolist())):
             if key not in self.rows:
                 self.rows[key] = hidden[r, :n].detach().clone()
@@ -101,8 +101,7 @@ class FeatureCache:
 def _frozen_forward(self, hidden_states, *args, **kwargs):
     """A frozen block: skipped when the cache holds every row, else run as written (the last one storing)."""
     cache: FeatureCache = self._feature_cache
-    usable = cache.batch is not None and tuple(hidden_states.shape[:2]) == (len(cache.batch[0]),
-                                                                            int(cache.batch[1].max()))
+    usable = cache.batch is not None and tuple(hidden_states.shape[:2]) == cache.batch[2]
     if usable and cache.lookup:
         hidden = cache.stored(hidden_states) if self._feature_cache_last else hidden_states
         return (hidden,) if cache.tuple_output else hidden  # the structure the blocks returned when computed
