@@ -64,7 +64,8 @@ class FeatureCache:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        others = [k for k, v in kwargs.items() if k not in _KEYED | _HARMLESS and v not in (None, False)]
+        others = [k for k, v in kwargs.items()
+                  if k not in _KEYED | _HARMLESS and v is not None and v is not False]
         if ids is None or mask is None or others or any(a is not None for a in args[1:]) or ids.shape != mask.shape:
             return
         lengths = mask.sum(1)
