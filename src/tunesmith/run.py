@@ -346,6 +346,8 @@ def build_model(flow: Flow, dtype: torch.dtype):
     set_seed(cfg.train.seed)
     model = load_base(cfg, objective.HEAD, flow.prepared.model_kwargs, dtype, tokenizer.pad_token_id)
     model = flow.tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
+    if hasattr(flow.tuning, "speed_up") and (said := flow.tuning.speed_up(cfg.tuning, model)):
+        flow.say(said)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
