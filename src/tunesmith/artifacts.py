@@ -236,11 +236,12 @@ RESUME_MAY_CHANGE = ("name", "output.", "eval.", "train.log_every", "train.save_
                      "train.gradient_checkpointing", "model.trust_remote_code")
 
 
-def _flat(data, prefix: str = "") -> dict:
+def flatten(data, prefix: str = "") -> dict:
+    """Nested settings -> {"train.lr": 0.001, ...} (lists and other leaves as they are)."""
     if isinstance(data, dict):
         out = {}
         for k, v in data.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: data}
 
@@ -262,7 +263,7 @@ def check_resume(run_dir: Path, cfg) -> None:
     if not isinstance(saved, dict):
         raise TunesmithError("the saved config is damaged", where=str(path),
                              hint="start over with --force instead of --resume")
-    old, new = _flat(saved), _flat(yaml.safe_load(dump(cfg)))
+    old, new = flatten(saved), flatten(yaml.safe_load(dump(cfg)))
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE))
     if changed:

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from ..artifacts import flatten
+
 # tracker -> (modules that provide it (any one), what to pip install)
 PACKAGES = {
     "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
@@ -86,12 +88,6 @@ def finish(accelerator, summary: dict | None) -> None:
     accelerator.end_training()
 
 
-def _flat(data, prefix: str = "") -> dict:
+def _flat(data) -> dict:
     """Nested config -> {"train.lr": 0.001, ...}; lists and None as text (trackers take scalars)."""
-    if isinstance(data, dict):
-        out = {}
-        for k, v in data.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    value = data if isinstance(data, (int, float, str, bool)) else json.dumps(data)
-    return {prefix[:-1]: value}
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(data).items()}
