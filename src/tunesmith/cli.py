@@ -258,6 +258,15 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    sweep(args.config, args.space, args.trials, storage=args.storage, metric=args.metric, overrides=_overrides(args),
+          startup_trials=args.startup_trials, prune_after=args.prune_after, prune=not args.no_prune,
+          force=args.force)
+    return 0
+
+
 def cmd_schema(args) -> int:
     from .docs import config_reference
 
@@ -277,6 +286,7 @@ COMMANDS = {
     "export": cmd_export,
     "pull": cmd_pull,
     "schema": cmd_schema,
+    "sweep": cmd_sweep,
 }
 
 
@@ -359,7 +369,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the samples")
 
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
-    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export"):
+
+    s = sub.add_parser("sweep", help="search hyperparameters: each trial a run folder, resumable (docs/sweep.md)")
+    s.add_argument("config", help="run config (YAML)")
+    s.add_argument("overrides", nargs="*", help="config overrides applied to every trial, e.g. train.max_steps=200")
+    s.add_argument("--space", required=True, help="space file (YAML): dotted config keys -> ranges or choices")
+    s.add_argument("--trials", type=_positive, required=True,
+                   help="trials in the study, counting those of earlier runs of this command")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output.dir>/<name>-sweep.db)")
+    s.add_argument("--metric", help="validation metric to rank trials by (default: the one early stopping watches)")
+    s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
+    s.add_argument("--prune-after", type=int, default=2,
+                   help="finished trials before the median pruner stops any (default 2)")
+    s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
+    s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
+                                                        "earlier study")
+    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "sweep"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
             help="allow Python code shipped with the model to run (only this flag, or model.trust_remote_code in "
