@@ -262,7 +262,8 @@ def cmd_sweep(args) -> int:
     from .sweep import sweep
 
     sweep(args.config, args.space, args.trials, storage=args.storage, metric=args.metric, overrides=_overrides(args),
-          startup_trials=args.startup_trials, prune_after=args.prune_after, prune=not args.no_prune,
+          startup_trials=args.startup_trials, prune_after=args.prune_after, prune_warmup=args.prune_warmup,
+          prune=not args.no_prune,
           force=args.force)
     return 0
 
@@ -381,6 +382,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
     s.add_argument("--prune-after", type=int, default=2,
                    help="finished trials before the median pruner stops any (default 2)")
+    s.add_argument("--prune-warmup", type=int, default=0, metavar="STEPS",
+                   help="no pruning before this optimizer step: early evaluations are noisy (default 0)")
     s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
     s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
                                                         "earlier study")

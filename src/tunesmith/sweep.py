@@ -203,6 +203,7 @@ class Settings:
     storage: str
     startup_trials: int = 5
     prune_after: int = 2
+    prune_warmup: int = 0
     prune: bool = True
     seed: int = 0
     force: bool = False
@@ -226,7 +227,7 @@ def pick_metric(cfg, metric: str | None) -> tuple[str, str]:
 
 def sweep(config: str | Path, space_file: str | Path, trials: int, *, storage: str | None = None,
           metric: str | None = None, overrides: list[str] = (), startup_trials: int = 5, prune_after: int = 2,
-          prune: bool = True, force: bool = False) -> dict:
+          prune_warmup: int = 0, prune: bool = True, force: bool = False) -> dict:
     """Run (or continue) the study until it holds `trials` finished trials; returns the study as a dict (also
     written to `<output.dir>/<name>-sweep.json`)."""
     overrides = list(overrides)
@@ -238,7 +239,7 @@ def sweep(config: str | Path, space_file: str | Path, trials: int, *, storage: s
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(Path(config), overrides, space, trials, base.name, out, chosen, direction,
                         storage or f"sqlite:///{(out / f'{base.name}-sweep.db').resolve()}", startup_trials,
-                        prune_after, prune, base.train.seed, force)
+                        prune_after, prune_warmup, prune, base.train.seed, force)
     with _sweep_lock(out / f"{base.name}-sweep.lock"):
         study = open_study(settings)
         _resume_interrupted(study)
@@ -307,7 +308,8 @@ def open_study(s: Settings):
         study.set_user_attr("config", str(s.config))
     # Seeded by train.seed and the trials so far: a continued study does not propose its first trials again.
     study.sampler = optuna.samplers.TPESampler(seed=s.seed + len(study.trials), n_startup_trials=s.startup_trials)
-    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=s.prune_after) if s.prune \
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=s.prune_after, n_warmup_steps=s.prune_warmup) \
+        if s.prune \
         else optuna.pruners.NopPruner()
     return study
 
