@@ -291,6 +291,25 @@ COMMANDS = {
 }
 
 
+def _sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="search hyperparameters: each trial a run folder, resumable (docs/sweep.md)")
+    s.add_argument("config", help="run config (YAML)")
+    s.add_argument("overrides", nargs="*", help="config overrides applied to every trial, e.g. train.max_steps=200")
+    s.add_argument("--space", required=True, help="space file (YAML): dotted config keys -> ranges or choices")
+    s.add_argument("--trials", type=_positive, required=True,
+                   help="trials in the study, counting those of earlier runs of this command")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output.dir>/<name>-sweep.db)")
+    s.add_argument("--metric", help="validation metric to rank trials by (default: the one early stopping watches)")
+    s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
+    s.add_argument("--prune-after", type=int, default=2,
+                   help="finished trials before the median pruner stops any (default 2)")
+    s.add_argument("--prune-warmup", type=int, default=0, metavar="STEPS",
+                   help="no pruning before this optimizer step: early evaluations are noisy (default 0)")
+    s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
+    s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
+                                                        "earlier study")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
     p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
@@ -370,23 +389,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the samples")
 
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
-
-    s = sub.add_parser("sweep", help="search hyperparameters: each trial a run folder, resumable (docs/sweep.md)")
-    s.add_argument("config", help="run config (YAML)")
-    s.add_argument("overrides", nargs="*", help="config overrides applied to every trial, e.g. train.max_steps=200")
-    s.add_argument("--space", required=True, help="space file (YAML): dotted config keys -> ranges or choices")
-    s.add_argument("--trials", type=_positive, required=True,
-                   help="trials in the study, counting those of earlier runs of this command")
-    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output.dir>/<name>-sweep.db)")
-    s.add_argument("--metric", help="validation metric to rank trials by (default: the one early stopping watches)")
-    s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
-    s.add_argument("--prune-after", type=int, default=2,
-                   help="finished trials before the median pruner stops any (default 2)")
-    s.add_argument("--prune-warmup", type=int, default=0, metavar="STEPS",
-                   help="no pruning before this optimizer step: early evaluations are noisy (default 0)")
-    s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
-    s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
-                                                        "earlier study")
+    _sweep_parser(sub)
     for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "sweep"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
