@@ -123,6 +123,7 @@ def test_an_interrupted_trial_continues_from_its_checkpoint(in_tmp, tiny_bert, s
     ("train.lr: {low: x, high: 1.0e-3}\n", "space.yaml:1 (train.lr.low)", "must be a number"),
     ("# lr\n\ntrain.batch_size: {low: 0, high: 8}\n", "space.yaml:3 (train.batch_size)", "does not fit the config"),
     ("tuning.r: {choices: [4, 8]}\n", "space.yaml:1 (tuning.r)", "unknown key 'r'"),
+    ("train.batch_size: {low: 8.0, high: 32.0}\n", "space.yaml:1 (train.batch_size)", "does not fit the config"),
     ("tuning.r: {choices: []}\n", "space.yaml:1 (tuning.r.choices)", "non-empty list"),
     ("train.lr: 1.0e-3\n", "space.yaml:1 (train.lr)", "expected a mapping"),
     ("output.dir: {choices: [a, b]}\n", "space.yaml:1 (output.dir)", "cannot be searched"),
@@ -140,6 +141,17 @@ def test_a_metric_the_objective_lacks_is_refused(in_tmp, tiny_bert, sentiment_di
     assert sweep(in_tmp, tiny_bert, sentiment_dir, "--trials", "2", "--metric", "rouge1") == 2
     err = capsys.readouterr().err
     assert "--metric" in err and "accuracy" in err
+
+
+def test_space_ranges_and_choices_are_read_as_meant(tmp_path):
+    from tunesmith.sweep import read_space
+
+    path = write_config(tmp_path / "space.yaml", "train.lr: {choices: [1e-5, 3.0e-4]}\n"
+                                                 "train.epochs: {low: 1, high: 3}\n"
+                                                 "train.warmup: {low: 0, high: 0.2, step: 0.05}\n")
+    lr, epochs, warmup = read_space(path)
+    assert lr.choices == [1e-5, 3e-4]  # `1e-5` (no dot) is a number here, not YAML 1.1's string
+    assert epochs.is_int and not warmup.is_int and warmup.step == 0.05
 
 
 def test_as_override_reads_back_as_the_value():

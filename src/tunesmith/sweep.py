@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,14 @@ class Param:
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def candidates(self) -> list:
-        """The values checked against the config schema before the search starts."""
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
+        """The values checked against the config schema before the search starts: each choice, or both ends of a
+        range and, for a float range, a value between them (a float range on a whole-number key fails there)."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.is_int or self.step is not None:
+            return [self.low, self.high]
+        inside = math.sqrt(self.low * self.high) if self.log else self.low + (self.high - self.low) / math.pi
+        return [self.low, self.high, inside]
 
     def describe(self) -> dict:
         if self.choices is not None:
@@ -115,6 +122,7 @@ def _param(key: str, spec, where: str, src) -> Param:
                 raise ConfigError(f"choice {c!r} is not a single value (a number, string, boolean or null)",
                                   where=src.where((key, "choices")),
                                   hint="search a list-valued key through a key inside it, or a string value")
+        choices = [_yaml12_float(c) for c in choices]
         if len({json.dumps(c) for c in choices}) != len(choices):
             raise ConfigError("`choices` lists a value twice", where=src.where((key, "choices")))
         return Param(key, where, choices=choices)
@@ -140,6 +148,13 @@ def _param(key: str, spec, where: str, src) -> Param:
     if log and low <= 0:
         raise ConfigError(f"a log range needs `low` above 0; got {low}", where=src.where((key, "low")))
     return Param(key, where, low=low, high=high, log=log, step=step)
+
+
+def _yaml12_float(value):
+    """`1e-5` as the number it means: PyYAML (YAML 1.1) reads a float without a dot as a string."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+", value):
+        return float(value)
+    return value
 
 
 def _number(value, where: str, field: str) -> int | float:
