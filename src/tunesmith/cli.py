@@ -25,6 +25,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def _stdin_texts(what: str) -> list[str]:
     """Non-blank lines of stdin, decoded as UTF-8 (located error for binary input or none at all)."""
     raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
@@ -301,9 +311,9 @@ def _sweep_parser(sub) -> None:
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output.dir>/<name>-sweep.db)")
     s.add_argument("--metric", help="validation metric to rank trials by (default: the one early stopping watches)")
     s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
-    s.add_argument("--prune-after", type=int, default=2,
+    s.add_argument("--prune-after", type=_non_negative, default=2,
                    help="finished trials before the median pruner stops any (default 2)")
-    s.add_argument("--prune-warmup", type=int, default=0, metavar="STEPS",
+    s.add_argument("--prune-warmup", type=_non_negative, default=0, metavar="STEPS",
                    help="no pruning before this optimizer step: early evaluations are noisy (default 0)")
     s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
     s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
