@@ -136,6 +136,11 @@ class TuningHooks(Protocol):
         as `Change`s of `tuning.` keys built from `cfg`'s current values; [] when nothing within reach does (the
         run already trains the least, or the most). Default: []."""
 
+    def speed_up(self, cfg, model) -> str | None:
+        """Make training this tuned model faster without changing a single result (freeze: the frozen part's
+        outputs computed once per example and looked up after). Called once, on the tuned model before base
+        scoring; returns a line for the log, or None. Default: nothing."""
+
     def save(self, run_dir: Path, model, tokenizer) -> str:
         """Write the trained weights into the run folder; return the folder's name. Default: `artifacts.save_weights`
         (a peft adapter, or the full model)."""

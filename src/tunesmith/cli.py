@@ -25,13 +25,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _non_negative(text: str) -> int:
+def _not_negative(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
 
 
@@ -268,13 +278,46 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.service import Limits
+    from .serve.server import serve
+
+    limits = Limits(max_tokens=args.max_tokens, max_body=args.max_body, workers=args.workers, queue=args.queue,
+                    timeout=args.timeout)
+    api_key = args.api_key or os.environ.get("TUNESMITH_API_KEY") or None
+    return serve(args.runs, args.host, args.port, api_key, limits, trust_remote_code=args.trust_remote_code)
+
+
+def cmd_runs(args) -> int:
+    from pathlib import Path
+
+    from .serve.runs import find, table
+
+    rows = find([Path(d) for d in args.dirs or ["runs"]])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(table(rows))
+    else:
+        print(f"no run folders in {', '.join(args.dirs or ['runs'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .report.html import write
+
+    print(write(Path(args.run)))
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .sweep import sweep
 
     sweep(args.config, args.space, args.trials, storage=args.storage, metric=args.metric, overrides=_overrides(args),
           startup_trials=args.startup_trials, prune_after=args.prune_after, prune_warmup=args.prune_warmup,
-          prune=not args.no_prune,
-          force=args.force)
+          prune=not args.no_prune, force=args.force)
     return 0
 
 
@@ -296,51 +339,37 @@ COMMANDS = {
     "compare": cmd_compare,
     "export": cmd_export,
     "pull": cmd_pull,
+    "serve": cmd_serve,
+    "runs": cmd_runs,
     "schema": cmd_schema,
+    "report": cmd_report,
     "sweep": cmd_sweep,
 }
 
 
-def _sweep_parser(sub) -> None:
-    s = sub.add_parser("sweep", help="search hyperparameters: each trial a run folder, resumable (docs/sweep.md)")
-    s.add_argument("config", help="run config (YAML)")
-    s.add_argument("overrides", nargs="*", help="config overrides applied to every trial, e.g. train.max_steps=200")
-    s.add_argument("--space", required=True, help="space file (YAML): dotted config keys -> ranges or choices")
-    s.add_argument("--trials", type=_positive, required=True,
-                   help="trials in the study, counting those of earlier runs of this command")
-    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output.dir>/<name>-sweep.db)")
-    s.add_argument("--metric", help="validation metric to rank trials by (default: the one early stopping watches)")
-    s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
-    s.add_argument("--prune-after", type=_non_negative, default=2,
-                   help="finished trials before the median pruner stops any (default 2)")
-    s.add_argument("--prune-warmup", type=_non_negative, default=0, metavar="STEPS",
-                   help="no pruning before this optimizer step: early evaluations are noisy (default 0)")
-    s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
-    s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
-                                                        "earlier study")
+def _serving_parsers(sub) -> None:
+    """`serve` and `runs`."""
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP API over runs or models (see docs/serve.md)")
+    s.add_argument("runs", nargs="+", metavar="RUN_OR_MODEL", help="run folders, model folders or sample:<model>; "
+                                                                   "requests pick one by name")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=_not_negative, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $TUNESMITH_API_KEY, else none)")
+    s.add_argument("--max-tokens", type=_positive, default=1024, help="cap on a request's max_tokens (default: 1024)")
+    s.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body in bytes (default: 1 MiB)")
+    s.add_argument("--workers", type=_positive, default=1, help="generations computed at once (default: 1)")
+    s.add_argument("--queue", type=_not_negative, default=8,
+                   help="requests that may wait for a worker; one more is answered 429 (default: 8)")
+    s.add_argument("--timeout", type=_seconds, default=300.0,
+                   help="seconds a request may take, waiting included (default: 300)")
+
+    s = sub.add_parser("runs", help="list run folders: status, objective, tuning, main metric base -> tuned, time")
+    s.add_argument("dirs", nargs="*", metavar="DIR", help="folders holding run folders (default: runs)")
+    s.add_argument("--json", action="store_true", help="one JSON list of runs")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
-    p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks (anywhere on the command line)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("train", help="fine-tune as a config describes")
-    s.add_argument("config", help="run config (YAML)")
-    s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4 tuning.r=16")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    s.add_argument("--force", action="store_true", help="overwrite an existing run folder of the same name")
-
-    s = sub.add_parser("check", help="run only the data checks: leakage, duplicates, empty rows, truncation, "
-                                     "label balance (exit status 2 when a check under the error policy fails)")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
-
-    s = sub.add_parser("plan", help="count parameters and estimate memory, without loading weights")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
-
+def _using_parsers(sub) -> None:
+    """The commands that use a trained run on data or prompts: eval, predict, generate, chat, compare."""
     def overlap_flag(s):
         s.add_argument("--allow-train-overlap", action="store_true",
                        help="keep rows of --data that the run trained on (exact or near copies; left out by default) "
@@ -385,6 +414,50 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="report folder (default: RUN/compare)")
     overlap_flag(s)
     generation_flags(s, system=False)
+
+
+def _sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="search hyperparameters: each trial a run folder, resumable (docs/sweep.md)")
+    s.add_argument("config", help="run config (YAML)")
+    s.add_argument("overrides", nargs="*", help="config overrides applied to every trial, e.g. train.max_steps=200")
+    s.add_argument("--space", required=True, help="space file (YAML): dotted config keys -> ranges or choices")
+    s.add_argument("--trials", type=_positive, required=True,
+                   help="trials in the study, counting those of earlier runs of this command")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output.dir>/<name>-sweep.db)")
+    s.add_argument("--metric", help="validation metric to rank trials by (default: the one early stopping watches)")
+    s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
+    s.add_argument("--prune-after", type=_not_negative, default=2,
+                   help="finished trials before the median pruner stops any (default 2)")
+    s.add_argument("--prune-warmup", type=_not_negative, default=0, metavar="STEPS",
+                   help="no pruning before this optimizer step: early evaluations are noisy (default 0)")
+    s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
+    s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
+                                                        "earlier study")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
+    p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks (anywhere on the command line)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("train", help="fine-tune as a config describes")
+    s.add_argument("config", help="run config (YAML)")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4 tuning.r=16")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--force", action="store_true", help="overwrite an existing run folder of the same name")
+
+    s = sub.add_parser("check", help="run only the data checks: leakage, duplicates, empty rows, truncation, "
+                                     "label balance (exit status 2 when a check under the error policy fails)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+
+    s = sub.add_parser("plan", help="count parameters and estimate memory, without loading weights")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+
+    _using_parsers(sub)
+
     s = sub.add_parser("export", help="write a run's model as a merged transformers folder or a GGUF file")
     s.add_argument("run", help="run folder (runs/<name>)")
     s.add_argument("--format", choices=["merged", "gguf"], default="merged",
@@ -398,9 +471,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", help="sample names (see --list)")
     s.add_argument("--list", action="store_true", help="list the samples")
 
+    _serving_parsers(sub)
+
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
+    sub.add_parser("report", help="write (again) a run folder's report.html: curves, data, results, findings"
+                   ).add_argument("run", help="run folder, e.g. runs/<name>")
     _sweep_parser(sub)
-    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "sweep"):
+    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "serve",
+                 "sweep"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
             help="allow Python code shipped with the model to run (only this flag, or model.trust_remote_code in "
@@ -447,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         p.print_help()
         return 2
-    rest = next((name for name in ("overrides", "prompts", "texts") if hasattr(args, name)), None)
+    rest = next((name for name in ("overrides", "prompts", "texts", "runs", "dirs") if hasattr(args, name)), None)
     stray = [a for a in extra if a.startswith("-") or rest is None or (rest == "overrides" and "=" not in a)]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -108,6 +108,19 @@ class TrainConfig(Section):
     """Batch size for evaluation (default: 2 x batch_size)."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     """Early stopping on a validation metric, restoring the best checkpoint at the end."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Experiment trackers that also receive the config, every metrics.jsonl line and the final scores (through
+    accelerate). Local by default: TensorBoard under <run>/trackers, an MLflow file store at <run>/mlruns
+    (unless MLFLOW_TRACKING_URI is set), W&B offline (unless WANDB_MODE is set)."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, names: list[str]) -> list[str]:
+        from .report.trackers import missing
+
+        if (why := missing(names)) is not None:
+            raise ValueError(why)
+        return names
 
 
 class GenerateConfig(Section):

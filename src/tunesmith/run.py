@@ -18,7 +18,7 @@ leaves a folder that looks like a run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from .objectives import OBJECTIVES
 from .objectives.distill import Distilled
 from .objectives.lm import check_packing
 from .regimes import REGIMES
+from .report import html, trackers
 from .errors import TunesmithError
 from .train import ppo
 from .train.checkpoint import trainable_state
@@ -168,7 +169,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False, on_eval=
     run_dir = Path(cfg.output.dir) / cfg.name
     mode, dtype = precision_and_dtype(cfg)
     # cpu=True is what lets accelerate run several processes (gloo) on a machine without a GPU.
-    accelerator = Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mode, cpu=not torch.cuda.is_available(),
+                              **trackers.accelerator_kwargs(cfg.train.report_to, run_dir))
     main = accelerator.is_main_process
 
     # 1. Everything checkable before the run folder exists: config, data and its checks, tokenizer,
@@ -201,12 +203,15 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False, on_eval=
             artifacts.write_json(run_dir / "data_card.json", prepared.card)
             if report.trained is not None:
                 artifacts.write_json(run_dir / artifacts.TRAIN_ROWS, report.trained)
+        trackers.start(accelerator, cfg, run_dir)
         accelerator.wait_for_everyone()
         distill = distilling.settings(cfg)
         hard = distilling.hard_label_run(cfg, run_dir, resume) if distill and distill.compare_hard_labels else None
         summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started,
                             accelerator, dtype, hard, on_eval)
+        trackers.finish(accelerator, summary)
     except BaseException as e:
+        trackers.finish(accelerator, None)
         if main:
             artifacts.fail(run_dir, e, fresh=not resume)
         raise
@@ -252,6 +257,8 @@ class Flow:
     accelerator: object
     hard: dict | None = None
     """`distill.compare_hard_labels`: the same student trained on the labels alone, for the table."""
+    details: dict = field(default_factory=dict)
+    """What the objective reports beyond metrics on the tuned model, per split (a classifier's confusion counts)."""
 
     @property
     def say(self):
@@ -343,6 +350,8 @@ def build_model(flow: Flow, dtype: torch.dtype):
     set_seed(cfg.train.seed)
     model = load_base(cfg, objective.HEAD, flow.prepared.model_kwargs, dtype, tokenizer.pad_token_id)
     model = flow.tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
+    if hasattr(flow.tuning, "speed_up") and (said := flow.tuning.speed_up(cfg.tuning, model)):
+        flow.say(said)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -402,8 +411,11 @@ def score_tuned(flow: Flow, model, gen_items: list[dict]):
     results = {}
     for split in ("validation", "test"):
         if prepared.examples.get(split):
+            found: dict = {}
             results[split] = evaluate(model, flow.objective, cfg.objective, prepared.examples[split], flow.eval_bs,
-                                      flow.tokenizer.pad_token_id, flow.accelerator, split)
+                                      flow.tokenizer.pad_token_id, flow.accelerator, split, found)
+            for key, value in found.items():  # e.g. summary["confusion"]["test"]
+                flow.details.setdefault(key, {})[split] = value
     if not (gen_items and "test" in results):
         return results, None, None
     scores, answers, seconds = answer_prompts(model, prepared.chat, gen_items, cfg, flow.say, "tuned")
@@ -447,6 +459,7 @@ def run_summary(flow: Flow, trained: dict, counts, results: dict, base: dict | N
         **({"tasks": flow.objective.per_task(results, base)} if hasattr(flow.objective, "per_task") else {}),
         "forgetting": forgot,
         "diagnosis": diagnosis,
+        **flow.details,
         "peak_memory_mb": artifacts.peak_memory_mb(),
         "wall_seconds": round(time.perf_counter() - flow.started, 1),
     }
@@ -497,6 +510,7 @@ def write_run(run_dir: Path, tuning, model, tokenizer, summary: dict, after_weig
         summary.update(after_weights(summary["weights"]))
     artifacts.set_status(run_dir, "completed")
     artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
+    html.write_after_run(run_dir)
 
 
 def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report: Report, model, resume: bool,
@@ -532,7 +546,7 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
 
     trained = ppo.fit(pv=pv, reference=reference, scorer=scorer, chat=chat, prompts=prepared.prompts["train"],
                       prompt_ids=[e["input_ids"] for e in prepared.examples["train"]], obj=obj, cfg=cfg.train,
-                      run_dir=run_dir, resume=resume, say=say)
+                      run_dir=run_dir, resume=resume, say=say, accelerator=accelerator)
     results = answers = None
     warnings = []
     if held:

@@ -29,6 +29,7 @@ from . import artifacts
 from .config import RunConfig, apply_override, check_run_name, read_yaml, validate
 from .errors import ConfigError, TunesmithError
 from .objectives import OBJECTIVES
+from .report import html
 
 KINDED = ("tuning", "objective", "regime")
 STAGE_REF = "stage:"
@@ -259,6 +260,7 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
                    "wall_seconds": round(time.perf_counter() - started, 1)}
         artifacts.set_status(root, "completed")
         artifacts.write_json(root / artifacts.SUMMARY, summary)
+        html.write_after_run(root)
     except BaseException as e:
         artifacts.set_status(root, "failed", error=f"{type(e).__name__}: {e}")
         raise

@@ -17,8 +17,11 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, pairs: list[str
     return full, len(long)
 
 
-def length_stats(lengths: list[int]) -> dict[str, int]:
+def length_stats(lengths: list[int], bins: int = 20) -> dict:
+    """Percentiles and the maximum, and a histogram (`edges`: each bin's lower edge, `counts`) for the report."""
     if not lengths:
         return {"p50": 0, "p95": 0, "max": 0}
     arr = np.asarray(lengths)
-    return {"p50": int(np.percentile(arr, 50)), "p95": int(np.percentile(arr, 95)), "max": int(arr.max())}
+    counts, edges = np.histogram(arr, bins=max(1, min(bins, int(arr.max() - arr.min()) + 1)))
+    return {"p50": int(np.percentile(arr, 50)), "p95": int(np.percentile(arr, 95)), "max": int(arr.max()),
+            "histogram": {"edges": [round(float(e), 1) for e in edges[:-1]], "counts": counts.tolist()}}

@@ -31,12 +31,13 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: list[int], seed: int = 0,
-             expected: list[int] | None = None, streamer=None) -> list[Generation]:
+             expected: list[int] | None = None, streamer=None, stopping=None) -> list[Generation]:
     """One generation per prompt (token ids), in prompt order, in left-padded batches.
 
     A batch runs until its longest answer ends, so prompts are batched by `expected` answer length
     when known (the references' lengths, in evaluation), else by prompt length. `streamer` (a transformers
-    streamer, one prompt only) receives the tokens as they are generated.
+    streamer, one prompt only) receives the tokens as they are generated; `stopping` (transformers stopping
+    criteria) may end a generation early (a server's stop strings, a cancelled request).
     """
     if streamer is not None and len(prompts) != 1:
         raise ValueError("a streamer follows one generation; give one prompt")
@@ -60,7 +61,7 @@ def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: lis
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
         result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
                                 repetition_penalty=settings.repetition_penalty, eos_token_id=list(stop_ids),
-                                pad_token_id=pad, streamer=streamer, **sampling)
+                                pad_token_id=pad, streamer=streamer, stopping_criteria=stopping, **sampling)
         for i, row in zip(idx, result[:, width:].tolist()):
             end = next((k for k, t in enumerate(row) if t in stops), None)
             kept = row if end is None else row[:end]
@@ -72,10 +73,10 @@ def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: lis
 
 
 def answer(model, chat, conversations: list[list[dict]], settings, seed: int = 0,
-           expected: list[int] | None = None, streamer=None) -> list[Generation]:
+           expected: list[int] | None = None, streamer=None, stopping=None) -> list[Generation]:
     """The model's next turn for each conversation, prompted through `chat` (a ChatFormat)."""
     prompts = [chat.encode_prompt(c) for c in conversations]
-    return generate(model, chat.tokenizer, prompts, settings, chat.stop_ids(), seed, expected, streamer)
+    return generate(model, chat.tokenizer, prompts, settings, chat.stop_ids(), seed, expected, streamer, stopping)
 
 
 def metric_names(references: list[str], configured: list[str] | None) -> list[str]:

@@ -13,7 +13,9 @@ from ..progress import bar
 
 @torch.no_grad()
 def evaluate(model, objective, obj_cfg, examples: list[dict], batch_size: int, pad_id: int,
-             accelerator=None, desc: str = "eval") -> dict[str, float]:
+             accelerator=None, desc: str = "eval", details: dict | None = None) -> dict[str, float]:
+    """The objective's metrics on `examples`. `details`: filled with what an objective that has a `details` hook
+    reports beyond its metrics (a classifier's confusion counts), for summary.json and the report."""
     was_training = model.training
     model.eval()
     batches = eval_batches([len(e["input_ids"]) for e in examples], batch_size)
@@ -35,4 +37,6 @@ def evaluate(model, objective, obj_cfg, examples: list[dict], batch_size: int, p
             for key, values in part.items():
                 outputs[key].extend(values)
     model.train(was_training)
+    if details is not None and hasattr(objective, "details"):
+        details.update(objective.details(dict(outputs), obj_cfg))
     return objective.metrics(dict(outputs), obj_cfg)

@@ -40,6 +40,7 @@ from ..train.checkpoint import load_trainable, trainable_state
 from ..train.loop import fit
 from ..tuning import TUNINGS
 from ..build import check_before_loading, load_base
+from ..report import trackers
 from .common import finish, one_process, open_run_dir
 
 PROGRESS = "progress.json"
@@ -117,7 +118,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     started = time.perf_counter()
     reg = cfg.regime
     run_dir = Path(cfg.output.dir) / cfg.name
-    accelerator = one_process()
+    accelerator = one_process(cfg, run_dir)
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
     tokenizer = load_tokenizer(cfg.model)
     tasks, kwargs, slices = prepare_tasks(cfg, tokenizer, run_dir)
@@ -127,9 +128,12 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     if reg.adapters:
         check_adapters_freeze_base(cfg, head, kwargs)
 
-    lock = open_run_dir(run_dir, cfg, kwargs, {t.name: t.card for t in tasks}, resume, force)
+    lock = open_run_dir(run_dir, cfg, kwargs, {t.name: t.card for t in tasks}, resume, force, accelerator)
     try:
-        return _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resume, started, params_summary)
+        summary = _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resume, started,
+                       params_summary)
+        trackers.finish(accelerator, summary)
+        return summary
     except BaseException as e:
         artifacts.set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise

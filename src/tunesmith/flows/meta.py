@@ -54,7 +54,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     reg = cfg.regime
     objective, tuning = OBJECTIVES[cfg.objective.kind], TUNINGS[cfg.tuning.kind]
     run_dir = Path(cfg.output.dir) / cfg.name
-    accelerator = one_process()
+    accelerator = one_process(cfg, run_dir)
     artifacts.check_run_dir(run_dir, resume=resume, force=force)
     tokenizer = load_tokenizer(cfg.model)
     prepared, report = prepare_data(cfg, tokenizer)
@@ -74,7 +74,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
     print(f"meta-train classes ({len(train_classes)}): {', '.join(train_classes)}")
     print(f"meta-test classes ({len(test_classes)}): {', '.join(test_classes)}")
 
-    lock = open_run_dir(run_dir, cfg, episode_kwargs, prepared.card, resume, force)
+    lock = open_run_dir(run_dir, cfg, episode_kwargs, prepared.card, resume, force, accelerator)
     try:
         return _run(run_dir, cfg, objective, tuning, tokenizer, prepared, report, accelerator, train_classes,
                     test_classes, train_sampler, test_sampler, episode_kwargs, resume, started,
@@ -140,7 +140,7 @@ def _run(run_dir, cfg, objective, tuning, tokenizer, prepared, report, accelerat
         base_start = ep.weights()
         save_file({n: t.cpu().contiguous() for n, t in base_start.items()}, base_file)
 
-    theta = meta_train(ep, reg, train_sampler, ckpt, MetricsLog(run_dir / "metrics.jsonl"), resume, base_start)
+    theta = meta_train(ep, reg, train_sampler, ckpt, MetricsLog(run_dir / "metrics.jsonl", accelerator), resume, base_start)
 
     starts = {"meta": theta, "base": base_start}
     if reg.transfer_steps:
@@ -175,7 +175,7 @@ def _run(run_dir, cfg, objective, tuning, tokenizer, prepared, report, accelerat
     }
     save = getattr(tuning, "save", None) or artifacts.save_weights
     summary["weights"] = save(run_dir, model, tokenizer)
-    finish(run_dir, summary)
+    finish(run_dir, summary, accelerator)
     print(render(table))
     print(f"\nrun saved to {run_dir}")
     return summary

@@ -134,6 +134,18 @@ def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
     }
 
 
+def details(outputs: dict[str, list], cfg: Config) -> dict:
+    """The confusion counts: row i, column j = examples of label id i predicted as j (the run's manifest names
+    the ids)."""
+    if not ("pred" in outputs and "label" in outputs):  # a wrapping regime's own outputs
+        return {}
+    n = 1 + max([*outputs["pred"], *outputs["label"]], default=-1)
+    counts = [[0] * n for _ in range(n)]
+    for p, y in zip(outputs["pred"], outputs["label"]):
+        counts[y][p] += 1
+    return {"confusion": counts}
+
+
 HELD_OUT = ("validation", "test")
 
 

@@ -1,1 +1,2 @@
-"""Serving a tuned model: an interactive chat on stdin/stdout (an HTTP API comes later)."""
+"""Using a tuned model: `chat` on stdin/stdout, `serve` (an OpenAI-compatible HTTP API) and `runs` (the run
+folders as a table)."""

@@ -30,6 +30,7 @@ from ..data.collate import collate
 from ..errors import TunesmithError
 from ..evaluate.score import evaluate
 from ..progress import Progress
+from ..report import trackers
 from . import checkpoint
 from .schedule import make_scheduler
 
@@ -65,14 +66,18 @@ class LoopState:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, each with the step it belongs to."""
+    """metrics.jsonl: one JSON object per line, each with the step it belongs to; each line also goes to the
+    run's trackers (`train.report_to`) when an accelerator carrying them is given."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, accelerator=None):
         self.path = path
+        self.accelerator = accelerator
 
     def write(self, **record) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None:
+            trackers.log(self.accelerator, record)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step`, so a resumed run's log reads like an uninterrupted one."""
@@ -196,7 +201,7 @@ def _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id,
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    ckpt_dir, log = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_dir, log = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl", accelerator)
     state = resume_state(LoopState, ckpt_dir, log, accelerator.unwrap_model(model), optimizer, scheduler, resume,
                          accelerator.print, accelerator.is_main_process) or LoopState()
     watch = cfg.early_stopping.metric or objective.MAIN_METRIC

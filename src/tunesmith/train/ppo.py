@@ -174,9 +174,10 @@ def updates_per_step(batch: int, obj) -> int:
 
 
 def fit(*, pv: PolicyAndValue, reference, scorer, chat, prompts: list[dict], prompt_ids: list[list[int]], obj,
-        cfg, run_dir: Path, resume: bool = False, say=print) -> dict:
+        cfg, run_dir: Path, resume: bool = False, say=print, accelerator=None) -> dict:
     """Train `pv` in place for train.max_steps PPO steps (or train.epochs passes over the prompts, each step
-    taking train.batch_size of them); returns a summary of the training."""
+    taking train.batch_size of them); returns a summary of the training. `accelerator`: the run's, whose trackers
+    (train.report_to) receive each metrics line."""
     per_epoch = len(prompt_ids) // cfg.batch_size
     if per_epoch == 0:
         raise TunesmithError(f"train has {len(prompt_ids)} prompts, fewer than one rollout batch",
@@ -185,7 +186,7 @@ def fit(*, pv: PolicyAndValue, reference, scorer, chat, prompts: list[dict], pro
     optimizer = torch.optim.AdamW(param_groups(pv, cfg.weight_decay), lr=cfg.lr)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup, total * updates_per_step(cfg.batch_size, obj))
     controller = ppo.KLController(obj.kl)
-    ckpt_dir, log = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_dir, log = run_dir / "checkpoints", MetricsLog(run_dir / "metrics.jsonl", accelerator)
     state = resume_state(PPOState, ckpt_dir, log, pv, optimizer, scheduler, resume, say) or \
         PPOState(kl_coef=controller.value)
     controller.value = state.kl_coef

@@ -2,6 +2,11 @@
 
 The cheapest way to adapt a pretrained encoder to a new label set; the frozen body keeps its
 general features, so forgetting is limited to the blocks that train.
+
+The frozen part (the embeddings and the blocks before the first one that trains) is a fixed feature
+extractor: it runs in eval mode (no dropout) even while the rest trains. Its outputs then depend on
+the tokens alone, so with `cache_features` they are computed once per distinct example and looked up
+for every later epoch and evaluation (tuning/feature_cache.py): same numbers, a fraction of the time.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from ..axes import Change
 from ..errors import ConfigError
 from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
+from . import feature_cache
 
 MERGEABLE = True  # the trained weights already are a plain model
 TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
@@ -31,6 +37,11 @@ class Config(Section):
     """Train the task head (the new classifier, or the LM head). Turn off only with train_last > 0."""
     also_train: list[str] = []
     """Regular expressions; parameters whose names match also train (e.g. `pooler`, `norm`)."""
+    cache_features: bool = True
+    """Compute the frozen part's outputs (embeddings and the frozen blocks) once per distinct example, in memory,
+    and train the rest on them: every later epoch and evaluation skips the frozen blocks. Same results either
+    way (the frozen part runs without dropout in both); costs memory, one [tokens x hidden] tensor per example.
+    Applies when the frozen part has no trained weight (not with a head tied to the input embeddings)."""
 
     @field_validator("also_train")
     @classmethod
@@ -74,4 +85,43 @@ def apply(model, cfg: Config, head: str, tokenizer=None):
             p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("nothing would train", where="tuning", hint="set train_head: true or train_last > 0")
+    frozen, _ = frozen_part(model)
+    for module in frozen:  # a fixed feature extractor: no dropout, so its outputs can be cached
+        module.register_forward_pre_hook(feature_cache.stay_in_eval)
     return model
+
+
+def frozen_part(model) -> tuple[list, list]:
+    """(modules that run before the first trained block and train nothing, the frozen blocks among them).
+
+    What runs before the blocks is read from structure: on the path from the model down to the block list,
+    the children registered before the one that leads to it (the embeddings), as transformers models
+    register their parts in the order they run. A part with any trained weight ends the frozen part."""
+    prefix, layers = blocks(model)
+    before, node = [], model
+    for part in prefix.split("."):
+        for name, child in node.named_children():
+            if name == part:
+                break
+            before.append(child)
+        node = getattr(node, part)
+    if any(p.requires_grad for m in before for p in m.parameters()):
+        return [], []
+    cut = next((i for i, b in enumerate(layers) if any(p.requires_grad for p in b.parameters())), len(layers))
+    frozen_blocks = list(layers[:cut])
+    return before + frozen_blocks, frozen_blocks
+
+
+def speed_up(cfg: Config, model) -> str | None:
+    """`cache_features`: the frozen blocks' output cached per example (see the module docstring)."""
+    if not cfg.cache_features:
+        return None
+    _, frozen_blocks = frozen_part(model)
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not frozen_blocks or body is None or body is model:
+        return ("feature cache: off (the frozen part has trained weights, e.g. a head tied to the input "
+                "embeddings, or no frozen block)")
+    model.feature_cache = feature_cache.install(body, frozen_blocks)
+    n = len(frozen_blocks)
+    return (f"feature cache: the outputs of the embeddings and {n} frozen block{'s' * (n > 1)} are computed once "
+            "per example and reused")
