@@ -310,6 +310,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    sweep(args.config, args.space, args.trials, storage=args.storage, metric=args.metric, overrides=_overrides(args),
+          startup_trials=args.startup_trials, prune_after=args.prune_after, prune_warmup=args.prune_warmup,
+          prune=not args.no_prune, force=args.force)
+    return 0
+
+
 def cmd_schema(args) -> int:
     from .docs import config_reference
 
@@ -332,6 +341,7 @@ COMMANDS = {
     "runs": cmd_runs,
     "schema": cmd_schema,
     "report": cmd_report,
+    "sweep": cmd_sweep,
 }
 
 
@@ -404,6 +414,25 @@ def _using_parsers(sub) -> None:
     generation_flags(s, system=False)
 
 
+def _sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="search hyperparameters: each trial a run folder, resumable (docs/sweep.md)")
+    s.add_argument("config", help="run config (YAML)")
+    s.add_argument("overrides", nargs="*", help="config overrides applied to every trial, e.g. train.max_steps=200")
+    s.add_argument("--space", required=True, help="space file (YAML): dotted config keys -> ranges or choices")
+    s.add_argument("--trials", type=_positive, required=True,
+                   help="trials in the study, counting those of earlier runs of this command")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<output.dir>/<name>-sweep.db)")
+    s.add_argument("--metric", help="validation metric to rank trials by (default: the one early stopping watches)")
+    s.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE proposes (default 5)")
+    s.add_argument("--prune-after", type=_not_negative, default=2,
+                   help="finished trials before the median pruner stops any (default 2)")
+    s.add_argument("--prune-warmup", type=_not_negative, default=0, metavar="STEPS",
+                   help="no pruning before this optimizer step: early evaluations are noisy (default 0)")
+    s.add_argument("--no-prune", action="store_true", help="run every trial to its end")
+    s.add_argument("--force", action="store_true", help="overwrite run folders of the trials' names left by an "
+                                                        "earlier study")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained transformers from one YAML file.")
     p.add_argument("--version", action="version", version=f"tunesmith {__version__}")
@@ -445,7 +474,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the config reference (every key, type, default and meaning)")
     sub.add_parser("report", help="write (again) a run folder's report.html: curves, data, results, findings"
                    ).add_argument("run", help="run folder, e.g. runs/<name>")
-    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "serve"):
+    _sweep_parser(sub)
+    for name in ("train", "check", "plan", "eval", "predict", "generate", "chat", "compare", "export", "serve",
+                 "sweep"):
         sub.choices[name].add_argument(
             "--trust-remote-code", action="store_true",
             help="allow Python code shipped with the model to run (only this flag, or model.trust_remote_code in "

@@ -154,9 +154,12 @@ def print_diagnosis(diagnosis: dict, forgot: dict | None) -> None:
         print(f"warning: {line}")
 
 
-def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
+def train(cfg: RunConfig, *, resume: bool = False, force: bool = False, on_eval=None) -> dict:
     """Run the whole flow. Under torchrun / accelerate launch every process runs this function;
-    only the main process writes to the run folder and prints."""
+    only the main process writes to the run folder and prints.
+
+    on_eval: `(step, validation scores) -> stop?`, passed to the supervised loop (see `fit`); runs that train
+    in their own loop (ppo, task sequences, meta-learning) never call it."""
     from .flows import flow_for
 
     if (flow := flow_for(cfg)) is not None:  # a task sequence or meta-learning: several trainings in one run
@@ -205,7 +208,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force: bool = False) -> dict:
         distill = distilling.settings(cfg)
         hard = distilling.hard_label_run(cfg, run_dir, resume) if distill and distill.compare_hard_labels else None
         summary = _train_in(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started,
-                            accelerator, dtype, hard)
+                            accelerator, dtype, hard, on_eval)
         trackers.finish(accelerator, summary)
     except BaseException as e:
         trackers.finish(accelerator, None)
@@ -271,7 +274,8 @@ class Flow:
 
 
 def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepared, report: Report, probe,
-              resume: bool, started: float, accelerator, dtype: torch.dtype, hard: dict | None = None) -> dict:
+              resume: bool, started: float, accelerator, dtype: torch.dtype, hard: dict | None = None,
+              on_eval=None) -> dict:
     """model -> base scores -> train -> tuned scores -> diagnosis -> summary and weights."""
     flow = Flow(run_dir, cfg, objective, tuning, tokenizer, prepared, report, probe, resume, started, accelerator,
                 hard)
@@ -292,7 +296,7 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
     trained = fit(model=model, objective=objective, obj_cfg=cfg.objective,
                   train_examples=prepared.examples["train"], val_examples=prepared.examples.get("validation"),
                   cfg=cfg.train, pad_id=tokenizer.pad_token_id, run_dir=run_dir, accelerator=accelerator,
-                  resume=resume, penalty=penalty, batches=epoch_batches(cfg, prepared))
+                  resume=resume, penalty=penalty, batches=epoch_batches(cfg, prepared), on_eval=on_eval)
     model = accelerator.unwrap_model(model)
     results, answers, gen_seconds["tuned"] = score_tuned(flow, model, gen_items)
     if gen_seconds["tuned"] is None:

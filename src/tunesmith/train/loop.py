@@ -53,6 +53,8 @@ class LoopState:
     """The validation loss at the best step: a later evaluation that ties the best score wins with a lower loss."""
     bad_evals: int = 0
     stopped_early: bool = False
+    halted: bool = False
+    """The caller's `on_eval` asked to stop (a sweep pruning a trial): training ends as after early stopping."""
     examples: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -141,6 +143,8 @@ class Fit:
     window_count: float = 0.0
     """Training loss summed since the last metrics line."""
     last_eval_step: int = -1
+    on_eval: Callable[[int, dict], bool] | None = None
+    """Called after each validation with (step, scores); True stops training (see `fit`)."""
 
     @property
     def use_val(self) -> bool:
@@ -148,26 +152,31 @@ class Fit:
 
 
 def fit(*, model, objective, obj_cfg, train_examples: list[dict], val_examples: list[dict] | None, cfg,
-        pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None, batches=None) -> dict:
+        pad_id: int, run_dir: Path, accelerator, resume: bool = False, penalty=None, batches=None,
+        on_eval: Callable[[int, dict], bool] | None = None) -> dict:
     """Train `model` in place; returns a summary of the training (steps, best, timings).
 
     penalty: a regime's pull towards the starting weights (`add_gradient()`, `value()`), or None.
     batches: a regime's epoch -> batches of example indices (multitask: one task per batch, tasks drawn in
              shares); a pure function of the epoch, so --resume rebuilds the same order. Default: shuffled,
              grouped by length.
+    on_eval: called after each validation with (step, validation scores); returning True stops training there,
+             and the run ends as after early stopping (best weights restored, `halted` in the summary). How a
+             caller outside the loop (a sweep's pruner) watches and stops a run without the loop knowing it.
     """
     run = _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id, run_dir, accelerator, resume,
                  penalty, batches)
+    run.on_eval = on_eval
     state = run.state
     run.model.train()
-    while state.step < run.total and not state.stopped_early:
+    while state.step < run.total and not (state.stopped_early or state.halted):
         windows = _windows(run, state.epoch)
         for window in windows[state.window:]:
             _optimizer_step(run, window, len(windows))
             evaluated = _evaluate_when_due(run, len(windows))
             if (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and evaluated):
                 _save_checkpoint(run)
-            if state.stopped_early or state.step >= run.total:
+            if state.stopped_early or state.halted or state.step >= run.total:
                 break
     run.progress.close()
     return _summary(run, _restore_best(run))
@@ -302,6 +311,9 @@ def _evaluate(run: Fit) -> bool:
         state.bad_evals += 1
     shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "train_loss")
     acc.print(f"step {state.step}: validation {shown}")
+    if run.on_eval is not None and run.on_eval(state.step, scores):
+        state.halted = True
+        acc.print(f"step {state.step}: stopped by the caller (on_eval)")
     return es.enabled and state.bad_evals >= es.patience
 
 
@@ -331,6 +343,7 @@ def _summary(run: Fit, restored: bool) -> dict:
         "total_steps": run.total,
         "epochs": round(state.step / run.steps_per_epoch, 3),
         "stopped_early": state.stopped_early,
+        "halted": state.halted,
         "best_step": state.best_step,
         "best_metric": {run.watch: state.best} if state.best is not None else None,
         "restored_best": restored,
