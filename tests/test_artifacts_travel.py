@@ -243,3 +243,16 @@ def test_adapter_config_names_a_sample_base_by_its_sample_name(tmp_path, monkeyp
     assert config["base_model_name_or_path"] == "sample:smollm2-135m-instruct"
     assert config["modules_to_save"] == ["classifier", "score"]
     assert artifacts.portable_base_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_weights_a_tuning_saves_itself_follow_the_umask(in_tmp, tiny_bert, sentiment_dir):
+    """Bottleneck adapters are saved by their own module, not by save_pretrained: the same permissions."""
+    old = os.umask(0o027)
+    try:
+        run = train(in_tmp, tiny_bert, sentiment_dir, "{kind: adapter}", "bottleneck", objective="classify")
+    finally:
+        os.umask(old)
+    files = [f for f in (run / "adapter").iterdir()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
