@@ -372,4 +372,43 @@ def save_weights(run_dir: Path, model, tokenizer) -> str:
     with quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+    if is_peft:
+        portable_adapter(out)
+    honour_umask(out)
     return out.name
+
+
+def honour_umask(folder: Path) -> None:
+    """Give the files in `folder` the mode a plain `open()` would: safetensors writes its files 0600 (readable by
+    the owner alone), which keeps a shared model folder from others on the machine the umask lets in."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
+
+
+def portable_base_name(base: str | None) -> str | None:
+    """The name a config gave the base model, not the cache folder it was read from: a packaged sample's folder
+    becomes `sample:NAME` (hub ids and the user's own paths are kept as they are)."""
+    from .models.samples import MODELS
+
+    if base:
+        for name, sample in MODELS.items():
+            if Path(base).expanduser().resolve() == sample.path().resolve():
+                return f"sample:{name}"
+    return base
+
+
+def portable_adapter(folder: Path) -> None:
+    """adapter_config.json as peft writes it names the base by the local folder it was loaded from and may list a
+    head twice in modules_to_save (peft adds the classifier, and so does the tuning); name the base portably and
+    list each module once, so the folder works on another machine (peft's from_pretrained with the base given)."""
+    path = folder / "adapter_config.json"
+    if not path.exists():
+        return
+    data = read_json(path)
+    data["base_model_name_or_path"] = portable_base_name(data.get("base_model_name_or_path"))
+    if isinstance(data.get("modules_to_save"), list):
+        data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
+    write_json(path, data)

@@ -460,7 +460,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder (runs/<name>)")
     s.add_argument("--format", choices=["merged", "gguf"], default="merged",
                    help="merged: the tuning folded into the base, as safetensors; gguf: one file for llama.cpp")
-    s.add_argument("--quant", choices=["f32", "q8_0"], default="f32", help="GGUF tensor type (default: f32)")
+    s.add_argument("--quant", choices=["f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"], default="f32",
+                   help="GGUF tensor type (default: f32). K-quants (q4_k_m, q5_k_m) are not written here: make them "
+                        "from the f32 file with llama.cpp's llama-quantize")
     s.add_argument("--out", help="output folder (merged) or .gguf file (default: RUN/export/)")
     s.add_argument("--prompt", action="append", help="a prompt to check the export on (repeatable; default: 5 built in)")
     s.add_argument("--max-new-tokens", type=_positive, default=16, help="length of the greedy continuations compared")

@@ -506,6 +506,7 @@ def write_run(run_dir: Path, tuning, model, tokenizer, summary: dict, after_weig
     that need the saved weights (a distilled student's size on disk)."""
     save = getattr(tuning, "save", None) or artifacts.save_weights
     summary["weights"] = save(run_dir, model, tokenizer)
+    artifacts.honour_umask(run_dir / summary["weights"])  # a tuning's own save writes safetensors 0600 too
     if after_weights is not None:
         summary.update(after_weights(summary["weights"]))
     artifacts.set_status(run_dir, "completed")

@@ -191,6 +191,7 @@ def policy_folder(run_dir: Path, trust_remote_code: bool = False) -> Path:
     with quiet_transformers():
         model.save_pretrained(tmp, safe_serialization=True)
         trained.tokenizer.save_pretrained(tmp)
+    artifacts.honour_umask(tmp)
     tmp.rename(out)
     return out
 

@@ -1,30 +1,32 @@
-"""Write a (merged) Llama-family causal LM as one GGUF file, f32 or q8_0, with its tokenizer, using the
+"""Write a (merged) Llama-family causal LM as one GGUF file (f32, q8_0, q5_1, q5_0, q4_1 or q4_0) with its tokenizer, using the
 `gguf` package the way llama.cpp's `convert_hf_to_gguf.py` does.
 
 - Tensor names come from gguf's own name map (`model.layers.3.self_attn.q_proj.weight` ->
   `blk.3.attn_q.weight`); a tied LM head is left out (readers tie it back when `output.weight` is absent).
 - The rows of Q and K are permuted from Hugging Face's rotary layout (two half-rotations) to GGML's
   interleaved one, per head (K per key/value head), exactly as llama.cpp does; readers undo it.
-- q8_0 stores each 2-D weight in blocks of 32 values with one scale (8.5 bits per value); norms stay f32.
-- The tokenizer goes in as GGUF metadata (`gpt2` byte-level BPE: tokens, token types, merges, special ids,
-  chat template), so llama.cpp and transformers' GGUF loader rebuild it without the original files.
+- q8_0 stores each 2-D weight in blocks of 32 values with one scale (8.5 bits per value), q5_1/q5_0/q4_1/q4_0
+  in blocks of 32 with 5 or 4 bits a value (6, 5.5, 5, 4.5 bits with their scales); norms stay f32.
+- The tokenizer goes in as GGUF metadata (gguf_vocab.py: byte-level BPE with the pre-tokenizer name llama.cpp
+  needs, token types, merges, special ids, chat template), so llama.cpp and transformers' GGUF loader rebuild
+  it without the original files.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import TunesmithError
+from . import gguf_vocab
+from .gguf_vocab import NotExportable
 
-QUANTS = ("f32", "q8_0")
-
-
-class NotExportable(TunesmithError):
-    """The model or tokenizer has a form this GGUF writer does not produce."""
+QUANTS = {"f32": "ALL_F32", "q8_0": "MOSTLY_Q8_0", "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0",
+          "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
+"""GGUF types gguf-py quantizes in Python -> llama.cpp's file type. K-quants (q4_k_m, q5_k_m) are not among
+them: gguf-py only reads those; llama.cpp's `llama-quantize` makes them from the f32 file."""
 
 
 def check_exportable(config) -> None:
@@ -50,49 +52,11 @@ def _permute(weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
 def _tensor(writer, name: str, data: np.ndarray, quant: str) -> None:
     import gguf
 
-    if quant == "q8_0" and data.ndim == 2 and data.shape[-1] % 32 == 0:
-        qtype = gguf.GGMLQuantizationType.Q8_0
+    if quant != "f32" and data.ndim == 2 and data.shape[-1] % 32 == 0:  # all these types use blocks of 32
+        qtype = gguf.GGMLQuantizationType[quant.upper()]
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     else:
         writer.add_tensor(name, data.astype(np.float32))
-
-
-def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    import gguf
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    pre = spec.get("pre_tokenizer") or {}
-    if spec["model"]["type"] != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise NotExportable("GGUF export writes byte-level BPE tokenizers with GPT-2 pre-tokenization "
-                            f"(as SmolLM2's); this one is {spec['model']['type']} with {pre.get('type')} pre-tokenizer")
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    if len(by_id) > vocab_size:
-        raise NotExportable(f"the tokenizer has {len(by_id)} tokens, more than the model's {vocab_size} embeddings")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:  # embeddings rows no token uses, as llama.cpp pads them
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL if i not in added else
-                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and len(probe) > 1 and probe[-1] == tokenizer.eos_token_id)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
 
 
 def write(model, tokenizer, path: Path, quant: str = "f32", name: str = "tunesmith") -> Path:
@@ -108,7 +72,8 @@ def write(model, tokenizer, path: Path, quant: str = "f32", name: str = "tunesmi
     rope = getattr(config, "rope_parameters", None) or {}
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    tmp = path.with_name(path.name + ".partial")  # renamed once whole: a failed export leaves no .gguf behind
+    writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -120,10 +85,10 @@ def write(model, tokenizer, path: Path, quant: str = "f32", name: str = "tunesmi
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "f32" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(gguf.LlamaFileType[QUANTS[quant]])
     if quant != "f32":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer(writer, tokenizer, config.vocab_size)
+    gguf_vocab.write(writer, tokenizer, config.vocab_size)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -144,6 +109,7 @@ def write(model, tokenizer, path: Path, quant: str = "f32", name: str = "tunesmi
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    os.replace(tmp, path)
     return path
 
 

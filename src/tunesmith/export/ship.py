@@ -2,8 +2,8 @@
 
   merged  the tuning folded into the base (a 4-bit base dequantized first), saved with save_pretrained
           as safetensors with the tokenizer; loadable with AutoModelFor...from_pretrained and nothing else
-  gguf    the merged model written as one GGUF file (f32 or q8_0) for llama.cpp and friends; Llama-family
-          causal LMs only
+  gguf    the merged model written as one GGUF file (f32, q8_0, q5_1, q5_0, q4_1, q4_0) for llama.cpp and
+          friends, with an Ollama Modelfile next to it; Llama-family causal LMs only
 
 Every export is checked against the tuned model it came from: the written files are read back (the folder
 with transformers, the GGUF file with transformers' GGUF loader) and run on a few prompts; the logit
@@ -58,14 +58,17 @@ def export(run: str | Path, fmt: str, *, quant: str = "f32", out: str | Path | N
         with quiet_transformers():
             merged.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
+            artifacts.honour_umask(folder)
             reloaded = head_class(head).from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
         report["path"] = str(folder)
         report["written"] = verify.compare(reference, verify.outputs(reloaded, tokenizer, prompts, lm, max_new_tokens))
     else:
-        from . import gguf
+        from . import gguf, modelfile
+        from .gguf_vocab import end_of_turn
 
         path = target / f"{run.name}-{quant}.gguf" if out is None or Path(out).suffix != ".gguf" else Path(out)
         gguf.write(merged, tokenizer, path, quant, name=run.name)
+        report["modelfile"] = str(modelfile.write(path, tokenizer, trained.generate, end_of_turn(tokenizer)))
         loaded, loaded_tokenizer = gguf.load(path)
         report["path"] = str(path)
         report["quant"] = quant
@@ -77,7 +80,7 @@ def export(run: str | Path, fmt: str, *, quant: str = "f32", out: str | Path | N
 
 
 def render(report: dict) -> str:
-    lines = [f"wrote {report['path']}"]
+    lines = [f"wrote {report['path']}"] + ([f"wrote {report['modelfile']}"] if "modelfile" in report else [])
     lines.append(f"  merged model vs {report['reference']}: {verify.describe(report['merged_in_memory'])}")
     what = "GGUF file read back" if report["format"] == "gguf" else "folder reloaded with transformers"
     lines.append(f"  {what} vs {report['reference']}: {verify.describe(report['written'])}")
