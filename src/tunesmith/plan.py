@@ -1,9 +1,14 @@
 """`tunesmith plan`: what a run would train and how much memory it needs, before loading any weights.
 
 The model is built on PyTorch's meta device (shapes only, nothing allocated, no weights read), the
-tuning's checks run on its config, the tuning is applied, and the parameters are counted. Memory is
-estimated as weights + gradients + AdamW state + activations at the configured batch size and max_length,
-for the configured tuning and, side by side, for full fine-tuning, LoRA and QLoRA of the same model.
+tuning's checks run on its config, the tuning is applied, and the parameters are counted. The peak memory of
+the process is estimated as weights + gradients + AdamW state (two fp32 copies per trainable weight) + a
+runtime allowance + the largest of the phases that run one after another: the training step (`activation_terms`:
+per-block values measured with saved-tensor hooks, materialised attention scores, the tuning's own activations
+such as LoRA's dropout copies, the LM logits: a chunk of them when the loss is chunked), evaluation
+(`forward_bytes`) and generation (`generation_bytes`: the key/value cache). It is an estimate, not an upper
+bound (allocator fragmentation is not modelled); bench/plan_vs_measured.py checks it against measured peaks.
+Shown for the configured tuning and, side by side, for full fine-tuning, LoRA and QLoRA of the same model.
 
 A 4-bit base is counted analytically: bitsandbytes packs two 4-bit weights into each uint8 byte, so a
 parameter count of the loaded model (as older peft printed it) sees half the true number for every
