@@ -125,3 +125,48 @@ def test_every_example_names_its_command_and_validates(path):
     from tunesmith import stages
 
     stages.load(path) if stages.is_staged(path) else load_config(path)
+
+
+def _tiny_plan(tmp_path, **changes):
+    """plan of a 2-layer Llama sft run with LoRA (dropout 0.05) on all linear layers; `changes`: dotted overrides."""
+    (tmp_path / "c.yaml").write_text(
+        "name: p\nmodel: {name: arch:llama, config: {num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128,"
+        " num_attention_heads: 4, vocab_size: 1000}}\ndata: {train: x, max_length: 128}\n"
+        "tuning: {kind: lora, r: 8, dropout: 0.05, targets: all-linear}\nobjective: {kind: sft}\n"
+        "train: {batch_size: 4}\n")
+    return plan(load_config(tmp_path / "c.yaml", [f"{k.replace('__', '.')}={v}" for k, v in changes.items()]))
+
+
+def test_plan_activation_terms_scale_and_bound(tmp_path):
+    """Doubling the batch doubles the per-token terms; chunking bounds the logits; checkpointing lowers the rest."""
+    base = _tiny_plan(tmp_path, objective__loss_chunk=0)["phases"]["terms"]
+    double = _tiny_plan(tmp_path, objective__loss_chunk=0, train__batch_size=8)["phases"]["terms"]
+    for name in ("blocks", "adapters", "logits"):
+        assert base[name] > 0 and double[name] == 2 * base[name]
+    chunked = _tiny_plan(tmp_path, objective__loss_chunk=64)["phases"]["terms"]
+    assert chunked["logits"] == 64 * 1000 * 4 * 3 < base["logits"]
+    no_dropout = _tiny_plan(tmp_path, objective__loss_chunk=0, tuning__dropout=0)["phases"]["terms"]
+    assert no_dropout["adapters"] < base["adapters"]  # LoRA's dropout copies of each adapted module's input
+    ckpt = _tiny_plan(tmp_path, objective__loss_chunk=0, train__gradient_checkpointing="true")["phases"]["terms"]
+    assert ckpt["blocks"] == base["blocks"] / 2  # one of the 2 blocks at a time
+    assert ckpt["block inputs"] == 2 * 4 * 128 * 64 * 4
+
+
+def test_plan_counts_generation_and_dpo_pairs(tmp_path):
+    with_gen = _tiny_plan(tmp_path, eval__generate__prompts=8, eval__generate__max_new_tokens=512)["phases"]
+    without = _tiny_plan(tmp_path, eval__generate__prompts=0)["phases"]
+    assert "generation" in with_gen and "generation" not in without
+    dpo = _tiny_plan(tmp_path, objective="{kind: dpo}")["phases"]["terms"]
+    sft = _tiny_plan(tmp_path)["phases"]["terms"]
+    assert dpo["blocks"] == 2 * sft["blocks"]  # chosen and rejected in one batch
+
+
+def test_plan_total_is_an_estimate_not_an_upper_bound(tmp_path, capsys):
+    """The estimate rests on measured per-block constants and a runtime allowance: never called an upper bound."""
+    (tmp_path / "c.yaml").write_text(
+        "name: p\nmodel: {name: arch:llama, config: {num_hidden_layers: 2}}\ndata: {train: x}\n"
+        "tuning: {kind: lora}\nobjective: {kind: sft}\n")
+    assert main(["plan", str(tmp_path / "c.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "upper bound" not in out.replace("not an upper bound", "")
+    assert "not an upper bound" in out and "training logits" in out and "runtime" in out

@@ -51,6 +51,7 @@ HEAD = "causal-lm"
 METRICS = {"reward_accuracy": "max", "reward_margin": "max", "chosen_reward": "max", "rejected_reward": "min",
            "chosen_logps": None, "rejected_logps": None, "logp_accuracy": "max", "loss": "min"}
 MAIN_METRIC = "reward_accuracy"
+SEQUENCES_PER_EXAMPLE = 2  # chosen and rejected run as one batch (for `tunesmith plan`)
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 

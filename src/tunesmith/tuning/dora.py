@@ -12,7 +12,7 @@ from typing import Literal
 
 from . import lora
 from .common import wrap
-from .lora import LowRank, check_model, peft_config  # noqa: F401  (check_model: the same combinations as LoRA)
+from .lora import LowRank, activation_values, check_model, peft_config  # noqa: F401  (the same combinations and adapters as LoRA)
 
 MERGEABLE = True
 TRAINS_BASE = False

@@ -93,3 +93,14 @@ def trainable_count(base, cfg: LowRank, head_params: int, magnitude: bool = Fals
         out_f, in_f = (module.weight.shape if type(module).__name__ != "Conv1D" else module.weight.shape[::-1])
         total += cfg.r * (in_f + out_f) + (out_f if magnitude else 0)
     return total
+
+
+def activation_values(model, cfg: LowRank) -> float:
+    """Values per token that the adapters keep for backward, over all layers (for `tunesmith plan`): each
+    adapted module's low-rank input (r values) and, in training mode with dropout > 0, a dropped copy of the
+    module's input plus its one-byte mask (1.25 values of 4 bytes per input feature, counted in fp32 terms)."""
+    values = 0.0
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "in_features") and module.lora_A:
+            values += cfg.r + (1.25 * module.in_features if cfg.dropout > 0 else 0)
+    return values

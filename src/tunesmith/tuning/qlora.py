@@ -17,7 +17,7 @@ from ..models.load import head_class, quiet_transformers
 from ..models.quantize import bnb_config
 from . import lora
 from .common import wrap
-from .lora import LowRank
+from .lora import LowRank, activation_values  # noqa: F401  (the same adapters as LoRA)
 
 MERGEABLE = True
 TRAINS_BASE = False
