@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Pulled samples are shared between test sessions (the integration tests download them once).
 os.environ.setdefault("TUNESMITH_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "tunesmith"))
 
-from tiny import make_model_dir, sentiment_rows, write_jsonl  # noqa: E402
+from tiny import make_model_dir, patterned_rows, sentiment_rows, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +55,19 @@ def instruction_dir(tmp_path_factory) -> Path:
     write_jsonl(root / "validation.jsonl", instruction_rows(16, seed=2))
     write_jsonl(root / "test.jsonl", instruction_rows(16, seed=3))
     return root
+
+
+@pytest.fixture(scope="session")
+def bpe_llama(tmp_path_factory) -> Path:
+    """A tiny Llama with a byte-level BPE tokenizer, as GGUF export needs."""
+    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama-bpe", "llama-bpe")
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """A folder of train/validation/test jsonl files of patterned text (clm)."""
+    d = tmp_path_factory.mktemp("data") / "text"
+    write_jsonl(d / "train.jsonl", patterned_rows(32, 1))
+    write_jsonl(d / "validation.jsonl", patterned_rows(4, 2))
+    write_jsonl(d / "test.jsonl", patterned_rows(4, 3))
+    return d

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tunesmith.cli import main
-from tiny import CHAT_TEMPLATE, make_bpe_tokenizer, make_model_dir, patterned_rows, write_config, write_jsonl
+from tiny import CHAT_TEMPLATE, make_bpe_tokenizer, train_small
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -24,32 +24,8 @@ SMOLLM2_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def bpe_llama(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama-bpe", "llama-bpe")
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data") / "text"
-    write_jsonl(d / "train.jsonl", patterned_rows(32, 1))
-    write_jsonl(d / "validation.jsonl", patterned_rows(4, 2))
-    write_jsonl(d / "test.jsonl", patterned_rows(4, 3))
-    return d
-
-
 def train(root, model, data, tuning: str, name: str, objective: str = "clm"):
-    cfg = write_config(root / f"{name}.yaml", f"""\
-name: {name}
-model: {model}
-data: {{train: {data}, max_length: 48}}
-tuning: {tuning}
-objective: {{kind: {objective}}}
-train: {{max_steps: 4, batch_size: 8, lr: 1.0e-2, eval_every: 4}}
-eval: {{compare_base: false, forgetting: {{enabled: false}}, generate: {{max_new_tokens: 40, repetition_penalty: 1.3}}}}
-""")
-    assert main(["train", str(cfg)]) == 0
-    return root / "runs" / name
+    return train_small(root, model, data, tuning, name, objective, steps=4, generate='max_new_tokens: 40, repetition_penalty: 1.3')
 
 
 # --- the pre-tokenizer llama.cpp needs ------------------------------------------------------------------------

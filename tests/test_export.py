@@ -8,36 +8,11 @@ import pytest
 import torch
 
 from tunesmith.cli import main
-from tiny import make_model_dir, patterned_rows, write_config, write_jsonl
-
-
-
-@pytest.fixture(scope="module")
-def bpe_llama(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama-bpe", "llama-bpe")
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data") / "text"
-    write_jsonl(d / "train.jsonl", patterned_rows(32, 1))
-    write_jsonl(d / "validation.jsonl", patterned_rows(4, 2))
-    write_jsonl(d / "test.jsonl", patterned_rows(4, 3))
-    return d
+from tiny import train_small
 
 
 def train(root, model, data, tuning: str, name: str, objective: str = "clm"):
-    cfg = write_config(root / f"{name}.yaml", f"""\
-name: {name}
-model: {model}
-data: {{train: {data}, max_length: 48}}
-tuning: {tuning}
-objective: {{kind: {objective}}}
-train: {{max_steps: 8, batch_size: 8, lr: 1.0e-2, eval_every: 8}}
-eval: {{compare_base: false, forgetting: {{enabled: false}}}}
-""")
-    assert main(["train", str(cfg)]) == 0
-    return root / "runs" / name
+    return train_small(root, model, data, tuning, name, objective, steps=8)
 
 
 @pytest.mark.parametrize("tuning", ["{kind: qlora, r: 4, alpha: 8}", "{kind: dora, r: 4, alpha: 8}"])

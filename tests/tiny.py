@@ -261,3 +261,22 @@ def cli(args, cwd, env=None, script=None):
     """`tunesmith ARGS` in a fresh process (or `script` run with those arguments), for tests that kill it."""
     cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunesmith"]
     return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+
+
+def train_small(root: Path, model, data, tuning: str, name: str, objective: str = "clm", steps: int = 8,
+                generate: str = "") -> Path:
+    """Train a short run in root (the CLI, in-process) and return its folder."""
+    from tunesmith.cli import main
+
+    gen = f", generate: {{{generate}}}" if generate else ""
+    cfg = write_config(root / f"{name}.yaml", f"""\
+name: {name}
+model: {model}
+data: {{train: {data}, max_length: 48}}
+tuning: {tuning}
+objective: {{kind: {objective}}}
+train: {{max_steps: {steps}, batch_size: 8, lr: 1.0e-2, eval_every: {steps}}}
+eval: {{compare_base: false, forgetting: {{enabled: false}}{gen}}}
+""")
+    assert main(["train", str(cfg)]) == 0
+    return root / "runs" / name
