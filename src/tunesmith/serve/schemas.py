@@ -9,6 +9,11 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+REFUSED = {"logprobs": "log-probabilities are not supported", "tools": "tool calls are not supported",
+           "echo": "echo is not supported", "suffix": "suffix (insertion) is not supported"}
+"""Fields a request may carry only empty (each request kind has some of them), and why."""
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -51,19 +56,19 @@ class Generation(Body):
     logprobs: Union[bool, int, None] = None
     user: Optional[str] = None
 
+    @field_validator("logprobs", "tools", "echo", "suffix", check_fields=False)
+    @classmethod
+    def _refused(cls, value, info):
+        if value:
+            raise ValueError(REFUSED[info.field_name])
+        return value
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int) -> int:
         if n != 1:
             raise ValueError("only n=1 is supported (one answer per request)")
         return n
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("log-probabilities are not supported")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -83,13 +88,6 @@ class ChatRequest(Generation):
     """OpenAI's newer name for max_tokens; either may be given."""
     tools: Optional[list] = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tool calls are not supported")
-        return value
-
 
 class CompletionRequest(Generation):
     prompt: Union[str, list[str]]
@@ -103,20 +101,6 @@ class CompletionRequest(Generation):
             if len(value) != 1:
                 raise ValueError("give one prompt (a string) per request")
             return value[0]
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix (insertion) is not supported")
         return value
 
 
