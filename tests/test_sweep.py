@@ -143,6 +143,18 @@ def test_a_metric_the_objective_lacks_is_refused(in_tmp, tiny_bert, sentiment_di
     assert "--metric" in err and "accuracy" in err
 
 
+def test_a_second_sweep_of_a_running_study_is_refused(in_tmp, tiny_bert, sentiment_dir, capsys):
+    """Two sweeps of one study would take each other's running trials for interrupted ones."""
+    import fcntl
+
+    (in_tmp / "runs").mkdir()
+    with open(in_tmp / "runs" / "tiny-sweep.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep(in_tmp, tiny_bert, sentiment_dir, "--trials", "1") == 2
+    assert "another `tunesmith sweep` of this study is running" in capsys.readouterr().err
+    assert not (in_tmp / "runs" / "tiny-trial-0").exists()
+
+
 def test_space_ranges_and_choices_are_read_as_meant(tmp_path):
     from tunesmith.sweep import read_space
 

@@ -120,7 +120,7 @@ def _in_use(run_dir: Path, holder: str) -> TunesmithError:
                           hint="wait for that run to end, or give this one another name (name=...)")
 
 
-def _lock(handle, tries: int = 10) -> bool:
+def try_lock(handle, tries: int = 10) -> bool:
     """flock without waiting on a holder for long; a few retries ride out another process's brief probe."""
     for i in range(tries):
         try:
@@ -136,7 +136,7 @@ def _refuse_if_locked(run_dir: Path) -> None:
     if not (run_dir / LOCK).is_file():
         return
     with open(run_dir / LOCK, "a+", encoding="utf-8") as probe:
-        if not _lock(probe, tries=1):
+        if not try_lock(probe, tries=1):
             probe.seek(0)
             raise _in_use(run_dir, probe.read().strip())
 
@@ -149,7 +149,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool):
     meanwhile. --force empties the folder only now, holding the lock."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = open(run_dir / LOCK, "a+", encoding="utf-8")
-    if not _lock(lock):
+    if not try_lock(lock):
         lock.seek(0)
         holder = lock.read().strip()
         lock.close()

@@ -21,7 +21,6 @@ the best config as YAML (`<name>-best.yaml`, which `tunesmith train` runs) and t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import re
@@ -31,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from .artifacts import try_lock
 from .errors import ConfigError, TunesmithError
 
 RANGE_FIELDS = ("low", "high", "log", "step")
@@ -275,9 +275,7 @@ class _sweep_lock:
 
     def __enter__(self):
         self.handle = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(self.handle, tries=1):
             self.handle.close()
             raise TunesmithError("another `tunesmith sweep` of this study is running", where=str(self.path),
                                  hint="wait for it to end; the same command then continues the study") from None
