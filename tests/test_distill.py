@@ -194,7 +194,9 @@ train: {{max_steps: 12, batch_size: 16, lr: 3.0e-3, eval_every: 6, seed: 0}}
 eval: {{forgetting: {{enabled: false}}}}
 """)
     from tunesmith.plan import plan, render
+    from tunesmith.run import check_data
 
+    check_data(load_config(cfg))  # `tunesmith check` reads the teacher's tokenizer, the student not built yet
     shown = render(plan(load_config(cfg)), load_config(cfg))
     assert "distillation: teacher" in shown and "student (keep_layers every_other: 2 blocks)" in shown
     capsys.readouterr()

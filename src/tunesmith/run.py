@@ -74,6 +74,7 @@ def prepare_data(cfg: RunConfig, tokenizer):
 
 def check_data(cfg: RunConfig) -> Report:
     """`tunesmith check`: the data checks alone (reads the tokenizer, not the model)."""
+    cfg = distilling.student_config(cfg)  # keep_layers: the teacher's tokenizer, as train reads it
     tokenizer = load_tokenizer(cfg.model)
     prepared, report = prepare_data(cfg, tokenizer)
     print_card(prepared.card)
