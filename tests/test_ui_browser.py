@@ -174,7 +174,9 @@ def test_start_a_run_from_the_page_and_watch_it_finish(ui, page, tmp_path, tiny_
     page.click("#start")
     page.wait_for_selector("#job:not([hidden])")
     assert page.locator("#start-error").is_hidden()
-    page.wait_for_function("document.getElementById('job-state').textContent !== 'running'", timeout=180_000)
+    from playwright.sync_api import expect
+
+    expect(page.locator("#job-state")).not_to_have_text("running", timeout=300_000)
     log = page.locator("#job-log").inner_text()
     assert page.locator("#job-state").inner_text() == "completed", log
     assert "from-page" in log and "accuracy" in log, log
