@@ -26,16 +26,24 @@ def run_dir(runs: Path, name: str) -> Path:
     return folder
 
 
-def _generates(row: dict) -> dict:
-    """The row, saying whether its model writes text (its objective's head is a causal LM): the page offers
-    chat with those."""
+def _facts(row: dict) -> dict:
+    """The row with what its objective says about it: `generates` (its model writes text, so the page offers a
+    chat) and `verdict` (the tuned main metric is `better` or `worse` than the base's, by the metric's
+    direction; None when either is missing or the metric has no direction)."""
+    from ..axes import better, metric_directions
     from ..objectives import OBJECTIVES
 
-    return {**row, "generates": getattr(OBJECTIVES.get(row["objective"]), "HEAD", None) == "causal-lm"}
+    objective = OBJECTIVES.get(row["objective"])
+    direction = metric_directions(objective).get(row["metric"]) if objective is not None else None
+    verdict = None
+    if direction is not None and row["base"] is not None and row["tuned"] is not None:
+        verdict = "better" if better(direction, row["tuned"], row["base"]) else \
+            "worse" if better(direction, row["base"], row["tuned"]) else "same"
+    return {**row, "generates": getattr(objective, "HEAD", None) == "causal-lm", "verdict": verdict}
 
 
 def run_list(runs: Path) -> list[dict]:
-    return [_generates(row) for row in find([runs])]
+    return [_facts(row) for row in find([runs])]
 
 
 def _text(path: Path) -> str | None:
@@ -55,7 +63,7 @@ def _json(path: Path):
 def run_view(runs: Path, name: str) -> dict:
     """One run: its row, config.yaml, data_card.json, and report.html's sections (HTML fragments, escaped)."""
     folder = run_dir(runs, name)
-    return {"run": _generates(describe(folder)), "config": _text(folder / artifacts.CONFIG),
+    return {"run": _facts(describe(folder)), "config": _text(folder / artifacts.CONFIG),
             "data_card": _json(folder / "data_card.json"), "sections": html.sections(folder),
             "report": (folder / html.REPORT).is_file()}
 

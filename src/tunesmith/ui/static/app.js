@@ -60,10 +60,9 @@ async function showRuns() {
     link.href = `#/run/${encodeURIComponent(r.name)}`;
     const name = el("td");
     name.append(link);
-    const better = r.base !== null && r.tuned !== null ? (r.tuned >= r.base ? "up" : "down") : "";
     row.append(name, el("td", r.status, `status ${r.status}`), el("td", r.objective || "-"),
                el("td", r.tuning || "-"), el("td", r.metric || "-"), el("td", number(r.base), "num"),
-               el("td", "->", "muted"), el("td", number(r.tuned), `num ${better}`), el("td", clock(r.seconds), "num"),
+               el("td", "->", "muted"), el("td", number(r.tuned), `num ${r.verdict || ""}`), el("td", clock(r.seconds), "num"),
                el("td", r.updated || "-", "muted"));
     body.append(row);
   }
@@ -82,7 +81,9 @@ async function showRun(name) {
   $("run-chat").href = `#/chat/${encodeURIComponent(name)}`;
   const s = data.sections;
   $("run-about").innerHTML = s.about;
-  $("run-sections").innerHTML = [s.results, s.training, s.findings, s.data, s.confusion, s.samples].join("\n");
+  $("run-line").textContent = `${r.objective || "?"} · ${r.tuning || "?"} · ${r.metric || "metric"} ` +
+    `${number(r.base)} -> ${number(r.tuned)} · ${clock(r.seconds)}`;
+  $("run-sections").innerHTML = [s.training, s.results, s.findings, s.data, s.confusion, s.samples].join("\n");
   if (!s.training) $("run-sections").prepend(el("p", "No curves yet: metrics.jsonl has no lines.", "muted"));
   $("run-config").textContent = data.config || "(no config.yaml)";
   $("run-card").textContent = data.data_card ? JSON.stringify(data.data_card, null, 1) : "(no data_card.json yet)";
@@ -187,8 +188,10 @@ async function showChat(name) {
   if (name) $("chat-run").value = name;
 }
 
-function addTurn(role, text) {
-  const turn = el("div", text, `turn ${role}`);
+function addTurn(role, text, cut) {
+  const turn = el("div", undefined, `turn ${role}`);
+  turn.append(el("span", text, "text"));
+  if (cut) turn.append(el("span", " [cut at max tokens]", "muted cut"));
   $("chat-log").append(turn);
   $("chat-log").scrollTop = $("chat-log").scrollHeight;
   return turn;
@@ -207,7 +210,7 @@ async function send(event) {
     const reply = await api("/api/chat", {run: $("chat-run").value, messages: conversation});
     const choice = reply.choices[0];
     conversation.push({role: "assistant", content: choice.message.content});
-    addTurn("assistant", choice.message.content + (choice.finish_reason === "length" ? " [...]" : ""));
+    addTurn("assistant", choice.message.content, choice.finish_reason === "length");
   } catch (e) {
     conversation.pop();
     $("chat-error").textContent = `error: ${e.message}`;
