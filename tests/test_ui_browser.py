@@ -132,7 +132,7 @@ def drawn_plots(page) -> list[dict]:
         }).length}))""")
 
 
-def test_run_list_and_a_run_with_its_curves(ui, page, tmp_path):
+def test_run_list_and_a_run_with_its_curves(page, ui, tmp_path):
     page.goto(ui.url)
     row = page.locator('#runs-table tr[data-run="chatty"]')
     row.wait_for()
@@ -161,7 +161,7 @@ def ui_runs(ui) -> Path:
     return Path(ui.http("GET", "/api/runs")[1]["dir"])
 
 
-def test_start_a_run_from_the_page_and_watch_it_finish(ui, page, tmp_path, tiny_bert, capsys):
+def test_start_a_run_from_the_page_and_watch_it_finish(page, ui, tmp_path, tiny_bert, capsys):
     data = write_jsonl(tmp_path / "data" / "train.jsonl", sentiment_rows(64, seed=4))
     page.goto(ui.url + "#/new")
     page.wait_for_selector("#example option[value='sentiment-lora']", state="attached")
@@ -197,7 +197,7 @@ def test_start_a_run_from_the_page_and_watch_it_finish(ui, page, tmp_path, tiny_
     assert (ui_runs(ui) / "from-page" / "summary.json").is_file()
 
 
-def test_chat_with_a_tuned_run_answers_as_the_run_measured(ui, page, tmp_path):
+def test_chat_with_a_tuned_run_answers_as_the_run_measured(page, ui, tmp_path):
     row = next(r for r in json.loads((ui_runs(ui) / "chatty" / "compare.json").read_text())["rows"]
                if len(r["messages"]) == 1 and r["tuned"])
     page.goto(ui.url + "#/chat/chatty")
@@ -212,7 +212,7 @@ def test_chat_with_a_tuned_run_answers_as_the_run_measured(ui, page, tmp_path):
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
 
 
-def test_compare_two_runs_side_by_side(ui, page, tmp_path):
+def test_compare_two_runs_side_by_side(page, ui, tmp_path):
     page.goto(ui.url + "#/compare")
     page.wait_for_selector("#compare-a option[value='clf']", state="attached")
     page.select_option("#compare-a", "clf")
@@ -245,7 +245,7 @@ def test_api_errors_are_json_messages(ui):
 
 @pytest.mark.parametrize("name, kinds", [("clf", {"loss", "lr", "gap", "metric", "lengths", "confusion"}),
                                          ("chatty", {"loss", "lr", "gap", "metric", "lengths"})])
-def test_report_html_draws_every_plot_in_chromium(runs, page, tmp_path, name, kinds):
+def test_report_html_draws_every_plot_in_chromium(page, runs, tmp_path, name, kinds):
     page.goto((runs / name / "report.html").as_uri())
     plots = drawn_plots(page)
     assert kinds <= {k for p in plots for k in p["kind"].split()}, plots
