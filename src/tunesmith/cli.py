@@ -301,6 +301,14 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from pathlib import Path
+
+    from .ui.server import ui
+
+    return ui(args.host, args.port, Path(args.runs), Path(args.examples))
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -339,6 +347,7 @@ COMMANDS = {
     "pull": cmd_pull,
     "serve": cmd_serve,
     "runs": cmd_runs,
+    "ui": cmd_ui,
     "schema": cmd_schema,
     "report": cmd_report,
     "sweep": cmd_sweep,
@@ -360,6 +369,12 @@ def _serving_parsers(sub) -> None:
                    help="requests that may wait for a worker; one more is answered 429 (default: 8)")
     s.add_argument("--timeout", type=_seconds, default=300.0,
                    help="seconds a request may take, waiting included (default: 300)")
+
+    s = sub.add_parser("ui", help="a local web page: runs, their curves, start and compare runs, chat (docs/ui.md)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=_not_negative, default=7860, help="port (default: 7860; 0 picks a free one)")
+    s.add_argument("--runs", default="runs", help="folder of run folders, where started runs go (default: runs)")
+    s.add_argument("--examples", default="examples", help="folder of example configs offered (default: examples)")
 
     s = sub.add_parser("runs", help="list run folders: status, objective, tuning, main metric base -> tuned, time")
     s.add_argument("dirs", nargs="*", metavar="DIR", help="folders holding run folders (default: runs)")

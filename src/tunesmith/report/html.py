@@ -67,18 +67,25 @@ def write_after_run(run_dir: Path) -> None:
               f"make it later with `tunesmith report {run_dir}`", file=sys.stderr)
 
 
-def render(run_dir: Path) -> str:
+def sections(run_dir: Path) -> dict[str, str]:
+    """The report's sections as HTML fragments, by name (empty where the run has nothing to show); the web UI
+    (tunesmith ui) shows the same fragments while a run trains."""
     summary = _json(run_dir / artifacts.SUMMARY) or {}
     cfg = _yaml(run_dir / artifacts.CONFIG) or {}
     status = _json(run_dir / artifacts.STATUS) or {}
-    lines = read_metrics(run_dir / "metrics.jsonl")
     card = _json(run_dir / "data_card.json") or {}
     manifest = _json(run_dir / artifacts.MANIFEST) or {}
+    return {"about": _about(cfg, summary, status), "stages": _stages(summary), "results": _results(summary),
+            "training": _training(read_metrics(run_dir / "metrics.jsonl")), "data": _data(card),
+            "confusion": _confusion(summary, manifest), "findings": _findings(summary),
+            "samples": _samples(run_dir), "summary": _raw(summary)}
+
+
+def render(run_dir: Path) -> str:
+    summary = _json(run_dir / artifacts.SUMMARY) or {}
+    cfg = _yaml(run_dir / artifacts.CONFIG) or {}
     name = summary.get("name") or cfg.get("name") or run_dir.name
-    parts = [f"<h1>{escape(str(name))}</h1>", _about(cfg, summary, status),
-             _stages(summary), _results(summary), _training(lines), _data(card),
-             _confusion(summary, manifest), _findings(summary), _samples(run_dir), _raw(summary)]
-    body = "\n".join(p for p in parts if p)
+    body = "\n".join(p for p in [f"<h1>{escape(str(name))}</h1>", *sections(run_dir).values()] if p)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'; '
             f'img-src data:">'
