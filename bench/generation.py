@@ -97,6 +97,10 @@ def main() -> None:
         same = sum(a == b for a, b in zip(rows, ours))
         print(f"{name:<26}{seconds:>9.1f}{sum(len(r) for r in rows) / seconds:>10.1f}{seconds / ours_s:>13.2f}"
               f"{f'{same}/{len(ours)}':>18}")
+    plain_s, plain = results["plain model.generate"]
+    print(f"\ntunesmith {tokens / ours_s:.1f} tokens/s vs plain model.generate {sum(map(len, plain)) / plain_s:.1f}: "
+          f"x{plain_s / ours_s:.2f}; greedy outputs identical: "
+          + ("yes" if all(rows == ours for _, rows in results.values()) else "NO (see below)"))
     for name, (_, rows) in results.items():
         for i, (a, b) in enumerate(zip(rows, ours)):
             if a != b:

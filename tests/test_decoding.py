@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tunesmith.config import GenerateConfig
+from tunesmith.evaluate.decoding import plain_decode
 from tunesmith.evaluate.generation import generate
 
 
@@ -28,12 +29,12 @@ def prompts(tokenizer, n: int = 7, seed: int = 0) -> list[list[int]]:
     return [[rng.choice(words) for _ in range(rng.randint(1, 20))] for _ in range(n)]
 
 
-def alone(model, prompt: list[int], settings: GenerateConfig, stop: list[int]) -> list[int]:
+def alone(model, prompt: list[int], settings: GenerateConfig, stop: list[int], stopping=None) -> list[int]:
     """Plain model.generate on one prompt (no padding), cut after the first stop token."""
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
                          eos_token_id=stop, pad_token_id=0, do_sample=False, temperature=None, top_p=None,
-                         top_k=None)[0, len(prompt):].tolist()
+                         top_k=None, stopping_criteria=stopping)[0, len(prompt):].tolist()
     ends = [k for k, t in enumerate(out) if t in stop]
     return out[:ends[0] + 1] if ends else out
 
@@ -52,6 +53,29 @@ def test_greedy_tokens_are_model_generates(llama, penalty):
     got = generate(model, tokenizer, ps, settings, stop)
     assert [g.ids for g in got] == expected
     assert [g.stopped for g in got] == [e[-1] in stop for e in expected]
+    # model.generate on the same left-padded batches agrees too: it leaves the padding out of the repetition
+    # penalty (prompt_ignore_length from the attention mask), as this loop does
+    batched = plain_decode(model, ps, settings, stop, tokenizer.pad_token_id, order=[6, 5, 4, 3, 2, 1, 0])
+    assert batched == expected
+
+
+def test_stopping_criteria_see_each_rows_own_tokens(llama):
+    """Stopping criteria (a server's stop strings, a cancelled request) are asked after each token with the row's
+    prompt and answer, no padding: a row ends where model.generate on its prompt alone ends it."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AtLength(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 16, dtype=torch.bool)
+
+    model, tokenizer = llama
+    ps = prompts(tokenizer, n=6, seed=4)
+    settings = GenerateConfig(max_new_tokens=10, batch_size=3)
+    stopping = StoppingCriteriaList([AtLength()])
+    expected = [alone(model, p, settings, [tokenizer.eos_token_id], stopping) for p in ps]
+    assert len({len(e) for e in expected}) > 1
+    got = generate(model, tokenizer, ps, settings, [tokenizer.eos_token_id], stopping=stopping)
+    assert [g.ids for g in got] == expected
 
 
 def test_finished_rows_leave_the_batch_and_waiting_prompts_join(llama):
