@@ -109,6 +109,23 @@ def test_sampling_is_reproducible_and_independent_of_the_batch(llama):
     assert other != first
 
 
+def test_sampling_keeps_the_scores_model_generate_samples_from(llama):
+    """Repetition penalty, temperature, top-k (the model's, else transformers' default 50) and top-p: the scores a
+    token is drawn from are model.generate's."""
+    from tunesmith.evaluate.decoding import processors
+
+    model, tokenizer = llama
+    assert len(tokenizer) > 50 and model.generation_config.top_k is None  # the default top-k cuts this vocabulary
+    ids = torch.tensor(prompts(tokenizer, n=1, seed=5))
+    settings = GenerateConfig(max_new_tokens=1, do_sample=True, temperature=1.3, top_p=0.99, repetition_penalty=1.2)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=True, temperature=1.3,
+                         top_p=0.99, repetition_penalty=1.2, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)
+    ours = processors(model, settings)(ids, model(ids).logits[:, -1].float())
+    assert torch.equal(torch.isinf(ours), torch.isinf(out.scores[0]))
+    torch.testing.assert_close(ours, out.scores[0])
+
+
 def test_prompt_tuning_goes_through_model_generate(llama):
     """PEFT prompt learning adds virtual tokens inside its own generate: the plain path runs it."""
     from peft import PromptTuningConfig, get_peft_model

@@ -7,7 +7,7 @@
 different lengths share one left-padded cache; padding columns that no row uses any more are cut off.
 
 The tokens are those of `model.generate` on each prompt alone, with the same processors (repetition penalty
-over the row's own prompt and answer, temperature, top-k from the model's generation config, top-p): a
+over the row's own prompt and answer, temperature, top-k as generate takes it, top-p): a
 row's logits do not depend on the rows beside it, up to float rounding. Sampling draws each row from its own
 generator seeded by (seed, prompt index), so a prompt's sample does not depend on the batch it ran in.
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
@@ -49,12 +49,23 @@ def processors(model, settings) -> LogitsProcessorList:
     if settings.do_sample:
         if settings.temperature != 1.0:
             out.append(TemperatureLogitsWarper(settings.temperature))
-        top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+        top_k = _top_k(model)
         if top_k:
             out.append(TopKLogitsWarper(top_k))
         if settings.top_p < 1.0:
             out.append(TopPLogitsWarper(settings.top_p))
     return out
+
+
+def _top_k(model) -> int | None:
+    """The top-k model.generate samples with: the model's generation config's, else transformers' global default
+    (50). Since transformers 5 an unset top_k is None in the config and the default is applied inside generate, so
+    reading the config alone sampled from the whole vocabulary (PPO's rollouts then barely moved)."""
+    top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+    if top_k is None:
+        defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+        top_k = defaults().get("top_k") if defaults is not None else GenerationConfig().top_k
+    return top_k
 
 
 def _keeps_last_logits(model) -> bool:
