@@ -69,6 +69,16 @@ def test_generate_prompts_the_saved_model_as_training_did(full_run, capsys):
     assert model.generation_config.eos_token_id == [tok.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_generate_says_which_settings_it_used(full_run, capsys):
+    """The run's generation settings (its repetition penalty included) are printed, on stderr beside --json."""
+    capsys.readouterr()
+    assert main(["generate", str(full_run), "--json", "--max-new-tokens", "5", "the movie"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] <= 5
+    assert "generation: max_new_tokens 5, greedy, repetition_penalty 1 (off)" in captured.err
+    assert "the run's eval.generate" in captured.err
+
+
 def test_batched_generation_matches_one_at_a_time(full_run):
     from tunesmith.evaluate.generation import answer
     from tunesmith.trained import load_trained

@@ -208,6 +208,11 @@ def _generator(args, head: str = "causal-lm"):
     if args.temperature is not None:
         update.update(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0)
     settings = trained.generate.model_copy(update={k: v for k, v in update.items() if v is not None})
+    from .evaluate.generation import describe
+
+    # On stderr, so --json output stays one object a line; the run's eval.generate applies unless overridden.
+    source = "the run's eval.generate" if trained.cfg else "defaults"
+    print(f"{describe(settings)} (from {source}; --max-new-tokens and --temperature override)", file=sys.stderr)
     return trained, settings
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..progress import bar
+from .decoding import decode, plain_decode, supports_fast_path
 from .metrics import text_metrics
 
 
@@ -32,44 +33,51 @@ class Generation:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], settings, stop_ids: list[int], seed: int = 0,
              expected: list[int] | None = None, streamer=None, stopping=None) -> list[Generation]:
-    """One generation per prompt (token ids), in prompt order, in left-padded batches.
+    """One generation per prompt (token ids), in prompt order, `settings.batch_size` generated together.
 
-    A batch runs until its longest answer ends, so prompts are batched by `expected` answer length
-    when known (the references' lengths, in evaluation), else by prompt length. `streamer` (a transformers
-    streamer, one prompt only) receives the tokens as they are generated; `stopping` (transformers stopping
-    criteria) may end a generation early (a server's stop strings, a cancelled request).
+    Prompts are decoded with continuous batching (evaluate/decoding.py): a finished row leaves the batch and
+    the next prompt takes its place. They enter longest first, by `expected` answer length when known (the
+    references' lengths, in evaluation), else by prompt length. `streamer` (a transformers streamer, one
+    prompt only) receives the tokens as they are generated; `stopping` (transformers stopping criteria) may
+    end a generation early (a server's stop strings, a cancelled request).
     """
     if streamer is not None and len(prompts) != 1:
         raise ValueError("a streamer follows one generation; give one prompt")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
-        if settings.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if settings.do_sample:
-        torch.manual_seed(seed)
     stops = set(stop_ids)
     key = expected if expected is not None else [len(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -key[i])
-    out: list[Generation | None] = [None] * len(prompts)
-    starts = range(0, len(order), settings.batch_size)
-    for s in bar(starts, "generate", total=len(starts)):
-        idx = order[s:s + settings.batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-        result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
-                                repetition_penalty=settings.repetition_penalty, eos_token_id=list(stop_ids),
-                                pad_token_id=pad, streamer=streamer, stopping_criteria=stopping, **sampling)
-        for i, row in zip(idx, result[:, width:].tolist()):
-            end = next((k for k, t in enumerate(row) if t in stops), None)
-            kept = row if end is None else row[:end]
-            out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                len(row) if end is None else end + 1, end is not None,
-                                row if end is None else row[:end + 1])
-    model.train(was_training)
+    run = decode if supports_fast_path(model) else plain_decode
+    progress = bar(range(len(prompts)), "generate", total=len(prompts))
+    ticks = iter(progress)
+    try:
+        rows = run(model, prompts, settings, stop_ids, pad, seed, order, streamer, stopping,
+                   on_done=lambda i: next(ticks, None))
+    finally:
+        model.train(was_training)
+        if hasattr(progress, "close"):
+            progress.close()
+    out = []
+    for row in rows:
+        stopped = bool(row) and row[-1] in stops
+        kept = row[:-1] if stopped else row
+        out.append(Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(row), stopped, row))
     return out
+
+
+def describe(settings) -> str:
+    """The settings a generation used, in one line (printed by generate and chat, so none is applied unseen)."""
+    parts = [f"max_new_tokens {settings.max_new_tokens}"]
+    if settings.do_sample:
+        parts.append(f"sampling (temperature {settings.temperature:g}, top_p {settings.top_p:g})")
+    else:
+        parts.append("greedy")
+    parts.append(f"repetition_penalty {settings.repetition_penalty:g}" +
+                 ("" if settings.repetition_penalty != 1.0 else " (off)"))
+    parts.append(f"batch_size {settings.batch_size}")
+    return "generation: " + ", ".join(parts)
 
 
 def answer(model, chat, conversations: list[list[dict]], settings, seed: int = 0,
