@@ -3,6 +3,8 @@ and an episode rendered through the chat template turn by turn with only the mod
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -146,3 +148,52 @@ def test_an_episode_renders_turn_by_turn_with_only_the_model_tokens_as_targets(t
     won = game.outcome()["win_rate"][0]
     assert batch.scores.tolist() == [cfg.win_reward if won else cfg.loss_reward]
     assert batch.outcomes == [game.outcome()] and batch.answers[0].text.count("|") == len(conv) // 2 - 1
+
+
+def env_config(path, model, objective: str, env: str, steps: int = 2):
+    """A tiny RL run on an environment: no data section, the held-out episodes answered before and after."""
+    path.write_text(f"""\
+name: env
+model: {model}
+tuning: {{kind: lora, r: 4, alpha: 16, dropout: 0.0}}
+objective: {{kind: {objective}, env: {env}, max_new_tokens: 4}}
+data: {{max_length: 96}}
+train: {{max_steps: {steps}, batch_size: 2, lr: 1.0e-3, log_every: 1, seed: 0}}
+eval: {{forgetting: {{enabled: false}}, generate: {{prompts: 6, batch_size: 6}}}}
+""")
+    return path
+
+
+@pytest.mark.parametrize("objective,env,success", [
+    ("grpo", "{kind: arithmetic, train_seeds: 40, test_seeds: 6}", ("accuracy", "format_rate")),
+    ("ppo", "{kind: nim, train_seeds: 40, test_seeds: 6, max_turns: 3}", ("win_rate", "legal_move_rate")),
+])
+def test_ppo_and_grpo_train_on_an_environment_and_report_its_success_rates(in_tmp, tiny_llama, objective, env,
+                                                                           success):
+    from tunesmith.config import load_config
+    from tunesmith.run import train
+
+    extra = ["objective.group_size=2"] if objective == "grpo" else ["objective.minibatch=2", "objective.ppo_epochs=1"]
+    cfg = load_config(env_config(in_tmp / "e.yaml", tiny_llama, objective, env), extra)
+    assert cfg.data.train.startswith("env:")
+    summary = train(cfg)
+    for scores in (summary["base"]["test"], summary["test"]):
+        assert set(success) | {"reward", "kl", "stop_rate", "new_tokens"} <= set(scores)
+        assert all(0 <= scores[k] <= 1 for k in success)
+    assert summary["base"]["test"]["kl"] == pytest.approx(0, abs=1e-4)
+    card = json.loads((in_tmp / "runs" / "env" / "data_card.json").read_text())
+    assert card["test"]["rows"] == 6 and card["train"]["format"] == "episode"
+    report = (in_tmp / "runs" / "env" / "compare.md").read_text()
+    assert success[0] in report
+
+
+def test_an_environment_reads_no_data(in_tmp, tiny_llama):
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+    from tunesmith.run import train
+
+    cfg = env_config(in_tmp / "e.yaml", tiny_llama, "grpo", "{kind: arithmetic}")
+    cfg.write_text(cfg.read_text().replace("data: {max_length: 96}", "data: {train: rows.jsonl, max_length: 96}"))
+    with pytest.raises(ConfigError, match="objective.env plays its own episodes") as e:
+        train(load_config(cfg))
+    assert e.value.where == "data.train" and not (in_tmp / "runs" / "env").exists()

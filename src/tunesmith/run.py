@@ -557,8 +557,7 @@ def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report
             artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
         say(f"base {split} " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
 
-    # beta 0 (grpo): training never asks the reference; the evaluations above and below still measure the KL
-    trained = loop.fit(model=trainee, reference=reference if getattr(obj, "beta", 1) > 0 else None,
+    trained = loop.fit(model=trainee, reference=reference,
                        source=answers_from, rows=len(prepared.examples["train"]), obj=obj, cfg=cfg.train,
                        run_dir=run_dir, resume=resume, say=say, accelerator=accelerator)
     results = answers = None

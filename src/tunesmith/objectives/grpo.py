@@ -28,7 +28,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
-from .rl import RLConfig, check, make_splits, masked_mean, prepare  # noqa: F401  (the RL objectives' shared hooks)
+from .rl import UNUSED_TRAIN_SETTINGS, RLConfig, check, make_splits, masked_mean, prepare  # noqa: F401
 
 HEAD = "causal-lm"
 METRICS = {"reward": "max", "kl": None}  # kl: some drift is the point; kl_bound warns when there is too much

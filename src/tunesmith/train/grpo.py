@@ -126,8 +126,9 @@ class GRPOState:
 def fit(*, model: Policy, reference, source, rows: int, obj, cfg, run_dir: Path, resume: bool = False, say=print,
         accelerator=None) -> dict:
     """Train in place for train.max_steps GRPO steps (or train.epochs passes over the `rows` training prompts, each
-    step answering train.batch_size of them G times); returns a summary of the training. `reference` may be None
-    when objective.beta is 0: it is never asked."""
+    step answering train.batch_size of them G times); returns a summary of the training. With objective.beta 0 the
+    steps are given no reference at all (the evaluation before and after still measures the KL with it)."""
+    reference = reference if obj.beta > 0 else None
 
     def step(idx, seed, state, optimizer, scheduler):
         return grpo_step(model, reference, source, idx, obj, seed, optimizer, scheduler, cfg.max_grad_norm)
