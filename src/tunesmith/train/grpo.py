@@ -22,7 +22,7 @@ from .loop import TrainingDiverged
 from ..objectives import grpo as objective
 from .rollout import measure, token_logps
 
-LOGGED = ("reward", "reward_std", "flat_groups", "kl", "loss", "clip_frac", "entropy",
+LOGGED = ("reward", "reward_std", "flat_groups", "kl_per_token", "loss", "clip_frac", "entropy",
           "answer_tokens")
 
 
@@ -74,7 +74,7 @@ def grpo_step(trainee: Policy, reference, source, idx, obj, seed: int, optimizer
         for s in range(0, n, size):
             rows = order[s:s + size]
             _, units = objective.aggregate(torch.zeros_like(r.mask[rows]), r.mask[rows], obj.loss_agg)
-            total = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0}
+            total = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl_per_token": 0.0}
             for c in range(0, len(rows), obj.micro_batch):
                 part = rows[c:c + obj.micro_batch]
                 mb = r.rows(part)
@@ -94,13 +94,13 @@ def grpo_step(trainee: Policy, reference, source, idx, obj, seed: int, optimizer
                     total["clip_frac"] += float(objective.masked_mean(clipped, mb.mask) * share)
                     total["entropy"] += float(objective.masked_mean(entropy, mb.mask) * share)
                     if kl is not None:
-                        total["kl"] += float(objective.masked_mean(kl, mb.mask) * share)
+                        total["kl_per_token"] += float(objective.masked_mean(kl, mb.mask) * share)
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             for k, v in total.items():
-                if k != "kl" or ref_logp is not None:
+                if k != "kl_per_token" or ref_logp is not None:  # the k3 estimate, measured only with beta > 0
                     sums[k] = sums.get(k, 0.0) + v
             updates += 1
     groups = batch.scores.view(-1, G)
@@ -136,5 +136,5 @@ def fit(*, model: Policy, reference, source, rows: int, obj, cfg, run_dir: Path,
     state, total = rl.fit(model=model, step=step, rows=rows, cfg=cfg, run_dir=run_dir, resume=resume, say=say,
                           accelerator=accelerator, state=GRPOState(), logged=LOGGED,
                           updates_per_step=updates_per_step(cfg.batch_size * obj.group_size, obj), desc="grpo",
-                          shown={"reward": ".3f", "kl": ".3f"})
+                          shown={"reward": ".3f", "kl_per_token": ".4f"})
     return rl.summary(state, total, rows, cfg.batch_size)
