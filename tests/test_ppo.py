@@ -91,11 +91,11 @@ def test_adaptive_kl_controller_follows_ziegler():
 def test_forward_scores_answer_tokens_as_the_model_predicts_them(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.train.ppo import PolicyAndValue, assemble, forward
+    from tunesmith.train.ppo import PolicyAndValue, assemble, forward, single_turn
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     prompts, answers = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
-    r = assemble(prompts, answers, pad_id=0, device="cpu")
+    r = assemble(*single_turn(prompts, answers), pad_id=0, device="cpu")
     logp, _, values = forward(PolicyAndValue(model), r)
     for i, (p, a) in enumerate(zip(prompts, answers)):
         full = model(input_ids=torch.tensor([p + a])).logits[0].log_softmax(-1)
@@ -107,11 +107,11 @@ def test_forward_scores_answer_tokens_as_the_model_predicts_them(tiny_llama):
 def test_reference_is_the_start_without_a_copy_for_lora(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.train.ppo import PolicyAndValue, assemble, forward, make_reference
+    from tunesmith.train.ppo import PolicyAndValue, assemble, forward, make_reference, single_turn
     from tunesmith.tuning import TUNINGS
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    r = assemble([[5, 6, 7]], [[10, 11]], 0, "cpu")
+    r = assemble(*single_turn([[5, 6, 7]], [[10, 11]]), 0, "cpu")
     start = forward(PolicyAndValue(base), r, values=False)[0]
     pv = PolicyAndValue(TUNINGS["lora"].apply(base, TUNINGS["lora"].Config(), "causal-lm"))
     with torch.no_grad():

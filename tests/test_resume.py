@@ -57,3 +57,35 @@ def test_sigkill_then_resume_matches_uninterrupted_run(in_tmp, tiny_bert, sentim
         return [{k: v for k, v in l.items() if k != "examples_per_s"} for l in lines]
 
     assert log(a) == log(b)
+
+
+def test_grpo_sigkill_then_resume_matches_uninterrupted_run(in_tmp, tiny_llama, sentiment_dir):
+    """The same for GRPO's own loop (rollouts, group advantages, a LoRA policy): a checkpoint every 2 steps,
+    killed after step 4 of 8."""
+    from tiny import grpo_config
+
+    cfg = grpo_config(in_tmp / "g.yaml", tiny_llama, sentiment_dir, "{kind: lora, r: 8, alpha: 64, dropout: 0.0}")
+    cfg.write_text(cfg.read_text().replace("max_steps: 30", "max_steps: 8").replace("log_every: 5", "log_every: 2, "
+                                                                                    "save_every: 2"))
+    whole = cli(["train", str(cfg), "name=whole"], in_tmp)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = cli(["train", str(cfg), "name=killed"], in_tmp, {"KILL_AT_STEP": "4"}, KILLER)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (in_tmp / "runs" / "killed" / "summary.json").exists()
+    resumed = cli(["train", str(cfg), "name=killed", "--resume"], in_tmp)
+    assert resumed.returncode == 0 and "resuming from step 4" in resumed.stdout, resumed.stderr[-3000:]
+
+    a, b = in_tmp / "runs" / "whole", in_tmp / "runs" / "killed"
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    files = sorted((a / sa["weights"]).glob("*.safetensors"))
+    assert files
+    for f in files:
+        wa, wb = load_file(f), load_file(b / sb["weights"] / f.name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{f.name} differs"
+    assert sa["test"] == sb["test"] and sa["base"] == sb["base"] and sa["train"]["steps"] == sb["train"]["steps"] == 8
+
+    def log(run):
+        return [{k: v for k, v in json.loads(l).items() if k != "answers_per_s"}
+                for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert log(a) == log(b)

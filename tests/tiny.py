@@ -229,6 +229,23 @@ eval: {{forgetting: {{enabled: false}}, generate: {{prompts: 16, do_sample: true
     return write_config(path, text)
 
 
+def grpo_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: full}", objective: str = "",
+                extra: str = "") -> Path:
+    """A small grpo run on the tiny model: the prompts and the `count_good` reward of `ppo_config`, each of 4
+    prompts per step answered 4 times."""
+    text = f"""\
+name: grpo
+model: {model}
+data: {{train: {data}, max_length: 32, max_rows: {{test: 16}}}}
+tuning: {tuning}
+objective: {{kind: grpo, reward: {{function: "tiny:count_good"}}, prompt_words: 3, max_new_tokens: 12, group_size: 4,
+             beta: 0.04, micro_batch: 8, kl_bound: 12.0{', ' + objective if objective else ''}}}
+train: {{max_steps: 30, batch_size: 4, lr: 3.0e-3, log_every: 5, seed: 0}}
+eval: {{forgetting: {{enabled: false}}, generate: {{prompts: 16, do_sample: true}}}}
+{extra}"""
+    return write_config(path, text)
+
+
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
     """Preference rows (prompt of filler words) where the chosen answer is a positive phrase and the rejected
     one a negative phrase: a preference a tiny model learns in a few steps."""

@@ -210,6 +210,14 @@ class ObjectiveHooks(Protocol):
         """Rules that span axes, at config validation (e.g. dpo without a precomputed reference needs a tuning
         that does not train the base). Raise `ValueError`."""
 
+    def make_splits(self, cfg, data) -> dict | None:
+        """Rows the objective makes itself instead of reading `data` ({split: data.sources.Split}: an RL objective
+        playing an environment, one row per episode seed), or None to read `data` as usual."""
+
+    def kl_hint(self, cfg) -> str:
+        """An objective that owns its step: what to change when the tuned model's KL to the reference ended above
+        `cfg.kl_bound` (a stronger KL weight)."""
+
     def attach_reference(self, model, examples, cfg, batch_size: int, pad_id: int, accelerator=None) -> None:
         """Run once on the starting model, before base scoring: store what training compares against
         (dpo's reference log-probs)."""

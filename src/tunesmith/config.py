@@ -205,7 +205,7 @@ class RunConfig(Section):
     tuning: TuningConfig = Field(default_factory=lambda: TUNINGS[DEFAULT_TUNING].Config())
     """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].Config())
-    """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo)."""
+    """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo, grpo)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES[DEFAULT_REGIME].Config())
     """How tasks are scheduled (`kind`: single, continual, meta)."""
     train: TrainConfig = TrainConfig()
@@ -220,7 +220,8 @@ class RunConfig(Section):
     def _implied_sections(cls, data):
         """Top-level sections another section supplies: a multitask run's `data` defaults to its first task's (for
         the settings runs share, e.g. max_length), and a student built from its teacher's layers
-        (`objective.distill.keep_layers`) has no `model` of its own: the teacher's is the start."""
+        (`objective.distill.keep_layers`) has no `model` of its own: the teacher's is the start; an RL objective
+        playing an environment (`objective.env`) reads no data (`data.train` is `env:<kind>`)."""
         if not isinstance(data, dict):
             return data
         regime, objective = data.get("regime"), data.get("objective")
@@ -230,6 +231,10 @@ class RunConfig(Section):
         keep = objective.get("distill") if isinstance(objective, dict) else None
         if isinstance(keep, dict) and keep.get("keep_layers") is not None and "model" not in data:
             data = {**data, "model": {"name": keep.get("teacher")}}
+        env = objective.get("env") if isinstance(objective, dict) else None
+        given = data.get("data", {})
+        if isinstance(env, dict) and isinstance(given, dict) and "train" not in given:
+            data = {**data, "data": {**given, "train": f"env:{env.get('kind')}"}}  # an environment reads no data
         return data
 
     @field_validator("name")
@@ -404,7 +409,7 @@ MODEL_PATHS = (("model", "name"), ("model", "tokenizer"), ("objective", "reward"
 def _relative(value, base: Path, always: bool):
     """`value` read from `base` if it is a relative path; a model name that is not a path there (a hub id)
     is kept unless it starts with `.`."""
-    if not isinstance(value, str) or not value or value.startswith(("sample:", "arch:", "stage:", "~", "/")):
+    if not isinstance(value, str) or not value or value.startswith(("sample:", "arch:", "stage:", "env:", "~", "/")):
         return value
     candidate = os.path.normpath(base / value)
     if always or value.startswith(".") or Path(candidate).exists():

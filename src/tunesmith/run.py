@@ -7,8 +7,9 @@ config -> data (read, split, replay rows, checks, tokenize, data card) -> probe 
 Objectives that generate (sft) also have base and tuned model answer held-out prompts once, before
 and after training, for generation metrics and a side-by-side report (compare.md / .html).
 
-An objective that owns its step (ppo: rollouts, rewards, several updates per batch) trains in its own
-loop (train/ppo.py); `_train_ppo` below is its evaluate-train-evaluate-save, beside the supervised one.
+An objective that owns its step (ppo, grpo: rollouts, rewards, several updates per batch) trains in its own
+loop (train/ppo.py, train/grpo.py); `_train_rl` below is its evaluate-train-evaluate-save, beside the supervised
+one.
 
 Everything that can be wrong with the input is checked before the run folder is touched (the data
 checks included: leakage under the `error` policy refuses here), so a bad config or bad data never
@@ -23,10 +24,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from transformers import set_seed
 
-from . import artifacts, distilling, scorers
+from . import artifacts, distilling, envs, scorers
 from .axes import metric_directions
 from .build import check_before_loading, enable_gradient_checkpointing, load_base, precision_and_dtype
 from .config import RunConfig, dump
@@ -46,10 +46,14 @@ from .objectives.lm import check_packing
 from .regimes import REGIMES
 from .report import html, trackers
 from .errors import TunesmithError
-from .train import ppo
+from .train import grpo, ppo, rollout
 from .train.checkpoint import trainable_state
 from .train.loop import fit
 from .tuning import TUNINGS
+
+
+RL_LOOPS = {loop.OBJECTIVE: loop for loop in (ppo, grpo)}
+"""The loop of each objective that owns its step (rollouts and updates), by its objective module."""
 
 
 def prepare_data(cfg: RunConfig, tokenizer):
@@ -61,7 +65,8 @@ def prepare_data(cfg: RunConfig, tokenizer):
     objective, regime = OBJECTIVES[cfg.objective.kind], REGIMES[cfg.regime.kind]
     if hasattr(regime, "prepare"):  # a regime over several tasks reads, checks and tokenizes each task's data
         return regime.prepare(cfg, tokenizer)
-    splits = load_splits(cfg.data, cfg.train.seed)
+    made = getattr(objective, "make_splits", None)  # an environment's episodes instead of data rows
+    splits = (made(cfg.objective, cfg.data) if made else None) or load_splits(cfg.data, cfg.train.seed)
     splits.update(regime.extra_splits(cfg.regime, len(splits["train"].rows), cfg.train.seed))
     splits, report = check_rows(splits, cfg.data.checks)
     prepared = objective.prepare(splits, tokenizer, cfg.objective, cfg.data)
@@ -282,8 +287,8 @@ def _train_in(run_dir: Path, cfg: RunConfig, objective, tuning, tokenizer, prepa
                 hard)
     model, counts = build_model(flow, dtype)
     if getattr(objective, "OWNS_STEP", False):
-        return _train_ppo(run_dir, cfg, tuning, tokenizer, prepared, report, model, resume, started, accelerator,
-                          counts)
+        return _train_rl(run_dir, cfg, tuning, tokenizer, prepared, report, model, resume, started, accelerator,
+                         counts)
     task, (teacher, cached) = objective, with_teacher(flow, dtype)
     objective = flow.objective
     gen_items = generation_items(cfg, objective, prepared)
@@ -515,24 +520,30 @@ def write_run(run_dir: Path, tuning, model, tokenizer, summary: dict, after_weig
     html.write_after_run(run_dir)
 
 
-def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report: Report, model, resume: bool,
-               started: float, accelerator, counts: tuple[int, int]) -> dict:
-    """PPO: the starting model answers held-out prompts, PPO trains, the tuned model answers them again;
-    reward and KL to the reference before and after, a side-by-side report, the weights and the summary."""
+def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report: Report, model, resume: bool,
+              started: float, accelerator, counts: tuple[int, int]) -> dict:
+    """An RL objective (its own loop, train/ppo.py or train/grpo.py): the starting model answers held-out prompts
+    (or plays held-out episodes), the loop trains, the tuned model answers them again; reward, KL to the
+    reference and an environment's success rates before and after, a side-by-side report, the weights and the
+    summary."""
 
+    kind = cfg.objective.kind
     if accelerator.num_processes > 1:
-        raise TunesmithError("ppo trains on one process (its rollouts are not sharded)",
+        raise TunesmithError(f"{kind} trains on one process (its rollouts are not sharded)",
                              hint="run it without torchrun / accelerate launch")
     say, obj, chat = accelerator.print, cfg.objective, prepared.chat
+    objective, loop = OBJECTIVES[kind], RL_LOOPS[OBJECTIVES[kind]]
     tokenizer.chat_template = chat.template  # saved with the weights: the tuned policy is prompted as trained
     # built here and passed in: the objective stays a leaf
-    scorer = scorers.load(obj.reward, accelerator.device, cfg.model.trust_remote_code)
-    pv = ppo.PolicyAndValue(model).to(accelerator.device)
-    reference = ppo.make_reference(pv)
+    scorer = scorers.load(obj.reward, accelerator.device, cfg.model.trust_remote_code) if obj.reward else None
+    answers_from = rollout.source(obj, chat, prepared, scorer)
+    trainee = loop.wrap(model).to(accelerator.device)
+    reference = rollout.make_reference(trainee.policy)
     split = "test" if prepared.examples.get("test") else "validation"
-    n = cfg.eval.generate.prompts
-    held, held_ids = prepared.prompts.get(split, [])[:n], [e["input_ids"] for e in prepared.examples.get(split, [])[:n]]
+    n = min(cfg.eval.generate.prompts, len(prepared.examples.get(split, [])))
+    held = prepared.prompts.get(split, [])[:n]
     settings = cfg.eval.generate.model_copy(update={"max_new_tokens": obj.max_new_tokens})
+    what = "episodes" if obj.env is not None else "prompts"
     base = base_answers = None
     if held:
         base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
@@ -540,26 +551,26 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
             base = artifacts.read_json(base_file)[split]
             base_answers = [Generation(**g) for g in artifacts.read_json(answers_file)]
         else:
-            say(f"starting model answering {len(held)} {split} prompts ...")
-            base, base_answers = ppo.evaluate(pv, reference, scorer, chat, held, held_ids, settings, cfg.train.seed)
+            say(f"starting model answering {n} {split} {what} ...")
+            base, base_answers = rollout.evaluate(trainee.policy, reference, answers_from, split, n, settings,
+                                                  cfg.train.seed)
             artifacts.write_json(base_file, {split: base})
             artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
-        say(f"base {split} reward {base['reward']:.4f}, kl {base['kl']:.4f}")
+        say(f"base {split} " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
 
-    trained = ppo.fit(pv=pv, reference=reference, scorer=scorer, chat=chat, prompts=prepared.prompts["train"],
-                      prompt_ids=[e["input_ids"] for e in prepared.examples["train"]], obj=obj, cfg=cfg.train,
-                      run_dir=run_dir, resume=resume, say=say, accelerator=accelerator)
+    trained = loop.fit(model=trainee, reference=reference,
+                       source=answers_from, rows=len(prepared.examples["train"]), obj=obj, cfg=cfg.train,
+                       run_dir=run_dir, resume=resume, say=say, accelerator=accelerator)
     results = answers = None
     warnings = []
     if held:
-        say(f"tuned model answering {len(held)} {split} prompts ...")
-        results, answers = ppo.evaluate(pv, reference, scorer, chat, held, held_ids, settings, cfg.train.seed)
+        say(f"tuned model answering {n} {split} {what} ...")
+        results, answers = rollout.evaluate(trainee.policy, reference, answers_from, split, n, settings,
+                                            cfg.train.seed)
         if results["kl"] > obj.kl_bound:
-            warnings.append(f"the tuned model's KL to the reference on {split} prompts is {results['kl']:.2f} nats per "
-                            f"answer, above objective.kl_bound {obj.kl_bound}: it may be exploiting the reward; "
-                            f"raise objective.kl.coef ({obj.kl.coef:g} -> {obj.kl.coef * 2 or 0.1:g})"
-                            + (f" or lower objective.kl.target ({obj.kl.target:g} -> {obj.kl.target / 2:g})"
-                               if obj.kl.adaptive else ""))
+            warnings.append(f"the tuned model's KL to the reference on {split} {what} is {results['kl']:.2f} nats "
+                            f"per answer, above objective.kl_bound {obj.kl_bound}: it may be exploiting the reward; "
+                            + objective.kl_hint(obj))
     trainable, total = counts
     summary = {
         "name": cfg.name,
@@ -574,20 +585,22 @@ def _train_ppo(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, repor
         "peak_memory_mb": artifacts.peak_memory_mb(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    model = pv.policy
+    model = trainee.policy
     model.generation_config.eos_token_id = chat.stop_ids()
     if answers is not None:
         summary["generation"] = {"prompts": len(answers), "max_new_tokens": settings.max_new_tokens,
                                  "do_sample": settings.do_sample, "report": "compare.md"}
-        write_report(run_dir, f"{cfg.name}: starting model vs PPO-tuned policy on the {split} prompts",
+        # an environment's success rates (accuracy, win rate, legal-move rate): higher is better
+        directions = {**metric_directions(objective), **{m: "max" for m in envs.metrics(obj.env)}} \
+            if obj.env is not None else metric_directions(objective)
+        write_report(run_dir, f"{cfg.name}: starting model vs {kind}-tuned policy on the {split} {what}",
                      (cfg.model.name, str(run_dir)), (base, results), side_by_side(held, base_answers, answers),
-                     metric_directions(OBJECTIVES[cfg.objective.kind]))
-    save_file({k: v.detach().cpu().contiguous() for k, v in pv.value_head.state_dict().items()},
-              run_dir / "value_head.safetensors")
+                     directions)
+    loop.save_extra(trainee, run_dir)
     write_run(run_dir, tuning, model, tokenizer, summary)
     if results:
-        print(f"\n{split} prompts ({len(held)})  {'start':>10}{'tuned':>10}")
-        for key in ("reward", "kl", "new_tokens"):
+        print(f"\n{split} {what} ({n})  {'start':>10}{'tuned':>10}")
+        for key in results:
             print(f"{key:<20}{base[key]:>10.4f}{results[key]:>10.4f}")
         print(f"(kl: nats per answer against the reference; bound {obj.kl_bound})")
     for line in warnings:

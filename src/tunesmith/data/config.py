@@ -72,7 +72,8 @@ class ChecksConfig(Section):
 class DataConfig(Section):
     train: str
     """Training data: `sample:<name>`, a file (.jsonl .json .csv .tsv .parquet .txt), a folder of split
-    files (train.jsonl, validation.jsonl, test.jsonl), or a Hugging Face datasets folder."""
+    files (train.jsonl, validation.jsonl, test.jsonl), or a Hugging Face datasets folder. Unset with
+    `objective.env` (an environment plays its own episodes: `env:<kind>`)."""
     validation: Optional[str] = None
     """Validation data; null: the folder's own validation split, else carved from train."""
     test: Optional[str] = None

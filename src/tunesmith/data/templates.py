@@ -194,6 +194,19 @@ class ChatFormat:
             ids += self._ids(text)
         return ids
 
+    def encode_next_prompt(self, messages: list[dict]) -> list[int]:
+        """The tokens between the last assistant response (its end-of-turn included) and the prompt for the model's
+        next turn: the template's close of that turn, the turns after it and the generation prompt. Appended to
+        the tokens of the turns so far, they make `encode_prompt(messages)` with the earlier responses exactly as
+        generated (what a multi-turn episode trains on)."""
+        if self.template is None:
+            raise TemplateError("a plain-text model continues one text; it has no chat template for turns")
+        pieces = self._pieces(self.with_system(messages), add_generation_prompt=True)
+        last = max((k for k, (_, owner) in enumerate(pieces) if owner is not None), default=None)
+        if last is None:
+            raise TemplateError("the conversation has no assistant turn to continue after")
+        return [i for text, _ in pieces[last + 1:] for i in self._ids(text)]
+
     def stop_ids(self) -> list[int]:
         """Token ids that end a generated turn: the end-of-turn token and EOS."""
         ids = [self.tokenizer.convert_tokens_to_ids(self.end_of_turn)] if self.end_of_turn else []

@@ -1,6 +1,6 @@
 """What is optimised. One module per objective; see `common.py` for what each module provides."""
 
-from . import classify, clm, dpo, mlm, ppo, reward, sft
+from . import classify, clm, dpo, grpo, mlm, ppo, reward, sft
 
 OBJECTIVES = {
     "classify": classify,
@@ -10,6 +10,7 @@ OBJECTIVES = {
     "reward": reward,
     "dpo": dpo,
     "ppo": ppo,
+    "grpo": grpo,
 }
 
 DEFAULT = "classify"

@@ -1,11 +1,11 @@
 """RLHF with PPO (Ziegler et al. 2019; Ouyang et al. 2022): the policy answers prompts, a reward scores the
 answers, and PPO raises the reward while a per-token KL penalty keeps the policy near where it started.
 
-Data: prompts only (`{"prompt": ...}` rows; plain `text` rows, every sft format (the last assistant turn
-dropped) and preference rows (their prompt) also work). Prompts render through the chat template exactly as sft renders them.
+Data: prompts scored by `objective.reward`, or an environment's episodes (`objective.env`, tunesmith/envs); both,
+and the settings PPO shares with the other RL objectives, are in rl.py.
 
-The pieces, each a small function here (the loop is train/ppo.py; the reward's config rewards.py, its scorer
-built by the run layer in scorers.py):
+The pieces, each a small function here (the loop is train/ppo.py, its rollouts train/rollout.py; the reward's
+config rewards.py, its scorer built by the run layer in scorers.py):
   per-token rewards   -kl_coef * (log pi - log pi_ref) on every answer token, the score added at the last one
   gae                 advantages and returns (Schulman et al. 2016), gamma and lam
   policy_loss         the clipped surrogate, on whitened advantages
@@ -18,25 +18,20 @@ shared loop; run.py hands it to train/ppo.py instead (`OWNS_STEP`).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from ..data.formats import FormatError, _prompt_messages, row_error, split_format, to_conversation, to_preference
-from ..data.templates import ChatFormat, TemplateError
-from ..data.tokenize import length_stats
-from ..errors import DataError
 from ..schema import Section
-from .common import Prepared
-from .rewards import RewardConfig
+from .rl import (PROMPT_FORMATS, UNUSED_TRAIN_SETTINGS, RLConfig, _prompt_of, check, make_splits,  # noqa: F401
+                 masked_mean, prepare, shorten)
+from .rewards import RewardConfig  # noqa: F401  (re-exported: the reward's config)
 
 HEAD = "causal-lm"
 METRICS = {"reward": "max", "kl": None}  # kl: some drift is the point; kl_bound warns when there is too much
 MAIN_METRIC = "reward"
 OWNS_STEP = True
-PROMPT_FORMATS = ("prompt", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
-                  "sharegpt_preference")
 
 
 class KLConfig(Section):
@@ -50,23 +45,11 @@ class KLConfig(Section):
     """Answers over which the adaptive weight may change by about e^0.2 (larger: slower adaptation)."""
 
 
-class Config(Section):
+class Config(RLConfig):
+    """PPO's own settings; the reward (or environment), sampling and prompt settings are `RLConfig`'s."""
+
     kind: Literal["ppo"] = "ppo"
     """RLHF with PPO: generate answers to prompts, score them with a reward, maximise it under a KL penalty."""
-    reward: RewardConfig
-    """The reward: a reward-model run, a classifier run and label, or a Python function."""
-    template: Literal["auto", "tokenizer", "plain", "alpaca", "raw"] = "auto"
-    """Chat template the prompts render with (as in sft); `raw` continues the prompt text with no markup."""
-    system: Optional[str] = None
-    """System message put first in every prompt that has none."""
-    prompt_words: Optional[int] = Field(None, ge=1)
-    """Keep only the first N words of each prompt (e.g. the start of a review for the policy to continue)."""
-    max_new_tokens: int = Field(24, ge=1)
-    """Most tokens per answer, in rollouts and in the evaluation before and after training."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of the rollouts."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling of the rollouts (1.0: the whole distribution, as PPO's ratios assume)."""
     ppo_epochs: int = Field(4, ge=1)
     """Optimisation passes over each rollout batch (train.batch_size answers)."""
     minibatch: int = Field(8, ge=1)
@@ -83,89 +66,16 @@ class Config(Section):
     """GAE lambda: 1 uses the full return, 0 one-step temporal differences."""
     kl: KLConfig = KLConfig()
     """The KL penalty against the reference model."""
-    kl_bound: float = Field(10.0, gt=0)
-    """Warn when the tuned model's KL to the reference on held-out prompts (nats per answer) ends above this."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: prompts
-
-
-def _prompt_of(row: dict, fmt: str) -> list[dict]:
-    if fmt == "prompt":
-        if "prompt" not in row:
-            raise FormatError("missing prompt")
-        return _prompt_messages(row["prompt"])
-    if fmt == "text":
-        return [{"role": "user", "content": to_conversation(row, "text")}]
-    if fmt in ("preference", "sharegpt_preference"):  # the prompts a reward model was trained on
-        return to_preference(row, fmt)[0]
-    return to_conversation(row, fmt)[:-1]
-
-
-def shorten(conv: list[dict], words: int | None) -> list[dict]:
-    """The prompt with its last message cut to its first `words` words."""
-    if words is None:
-        return conv
-    return conv[:-1] + [{**conv[-1], "content": " ".join(conv[-1]["content"].split()[:words])}]
-
-
-def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
-    chat = ChatFormat.build(tokenizer, cfg.template, cfg.system)
-    longest = data.max_length - cfg.max_new_tokens
-    if longest < 1:
-        raise DataError(f"data.max_length {data.max_length} leaves no room for prompts beside "
-                        f"objective.max_new_tokens {cfg.max_new_tokens}", where="data.max_length")
-    examples, card, prompts = {}, {}, {}
-    for name, part in splits.items():
-        fmt = split_format(part, data.format, PROMPT_FORMATS)
-        encoded, convs, cut = [], [], 0
-        for i, row in enumerate(part.rows):
-            try:
-                conv = shorten(_prompt_of(row, fmt), cfg.prompt_words)
-                ids = chat.encode_prompt(conv)
-            except (FormatError, TemplateError) as e:
-                raise row_error(part, i, fmt, str(e), PROMPT_FORMATS) from None
-            if len(ids) > longest:  # keep the end: the generation prompt sits there
-                ids, cut = ids[-longest:], cut + 1
-            encoded.append({"input_ids": ids})
-            convs.append(conv)
-        examples[name] = encoded
-        prompts[name] = [{"messages": c, "reference": ""} for c in convs]
-        card[name] = {"rows": len(encoded), "format": fmt, "truncated": cut,
-                      "tokens": length_stats([len(e["input_ids"]) for e in encoded])}
-    card["template"], card["end_of_turn"] = chat.name, chat.end_of_turn
-    return Prepared(examples, {}, card, chat=chat, prompts=prompts)
-
-
-UNUSED_TRAIN_SETTINGS = {
-    "eval_every": "it measures reward and KL on held-out prompts once, before and after training",
-    "early_stopping": "it trains for train.max_steps (or train.epochs) rollout steps",
-    "precision": "its rollouts and updates run in the weights' own dtype (see model.dtype)",
-}
-
-
-def check(run_cfg, methods) -> None:
-    """Settings of the shared loop that PPO's own loop does not take."""
-    if run_cfg.train.grad_accum != 1:
-        raise ValueError(f"train.grad_accum: {run_cfg.objective.kind} takes train.batch_size answers per step and "
-                         "updates on them in objective.minibatch pieces; it does not accumulate")
-    default = type(run_cfg.train)()
-    for key, why in UNUSED_TRAIN_SETTINGS.items():
-        # a value, not whether it was written: a saved run config spells out every default
-        if getattr(run_cfg.train, key) != getattr(default, key):
-            raise ValueError(f"train.{key}: {run_cfg.objective.kind} does not use it ({why}); remove it")
-    if methods.regime.ALTERS_TRAINING:
-        raise ValueError(f"regime.kind: {run_cfg.objective.kind} trains in its own loop, which takes no replay rows or "
-                         f"penalty (regime {run_cfg.regime.kind!r}); its KL penalty already holds it near the start")
+def kl_hint(cfg) -> str:
+    """What to change when the tuned policy drifted past `kl_bound`."""
+    return (f"raise objective.kl.coef ({cfg.kl.coef:g} -> {cfg.kl.coef * 2 or 0.1:g})"
+            + (f" or lower objective.kl.target ({cfg.kl.target:g} -> {cfg.kl.target / 2:g})" if cfg.kl.adaptive else ""))
 
 
 # ---------------------------------------------------------------------------------------------
 # The PPO pieces. Shapes: (batch, answer tokens), answers left-aligned; `mask` is 1 on answer tokens.
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
