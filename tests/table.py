@@ -39,6 +39,8 @@ class Dims:
     extra: tuple = ()
     labels: int = 0
     """Classes of a classification head (0 for language models)."""
+    lm_head: bool = True
+    """A language-model head tied to the input embeddings (False for a classifier or a bare encoder)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +76,8 @@ def _adapter(d: Dims, per_block: int, reduction: int) -> int:
 TUNINGS_UNDER_TEST = {
     "full": Tuning({"kind": "full"}, lambda d: d.total, adapter=False),
     "freeze": Tuning({"kind": "freeze", "train_last": 1},
-                     lambda d: d.block + d.head + (0 if d.labels else d.vocab * d.h), adapter=False),  # LM: tied embeddings
+                     lambda d: d.block + d.head + (d.vocab * d.h if d.lm_head and not d.labels else 0),
+                     adapter=False),  # LM: tied embeddings
     "lora": Tuning({"kind": "lora", "r": 4, "alpha": 8, "targets": "all-linear"}, lambda d: _lora(d, 4)),
     "dora": Tuning({"kind": "dora", "r": 4, "alpha": 8, "targets": "all-linear"}, lambda d: _lora(d, 4, dora=True)),
     "qlora": Tuning({"kind": "qlora", "r": 4, "alpha": 8, "targets": "all-linear", "gradient_checkpointing": False},
@@ -256,7 +259,8 @@ def dims(config, head: str, total: int) -> Dims:
         mlm_head = h * h + h + 2 * h + config.vocab_size if head == "masked-lm" else 0
         return Dims(h, layers, inter, h, config.vocab_size, total, head=labels * h + labels if labels else mlm_head,
                     block=block, linears=((h, h),) * 4 + ((h, inter), (inter, h)),
-                    extra=() if head == "encoder" else ((h, h),), labels=labels)  # the pooler (an encoder has none)
+                    extra=() if head == "encoder" else ((h, h),), labels=labels,  # the pooler (an encoder has none)
+                    lm_head=head != "encoder")
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     block = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
     return Dims(h, layers, inter, kv, config.vocab_size, total, head=labels * h, block=block,

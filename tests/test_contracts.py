@@ -104,7 +104,8 @@ def _train(tuning: str, objective: str, model_dir) -> Trained:
 
 def _logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()  # encoder
 
 
 def _case_id(case):

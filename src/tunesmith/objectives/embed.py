@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..data.tokenize import length_stats
 from ..errors import DataError
 from ..schema import Section
 from .common import Loss, Prepared
@@ -76,7 +77,8 @@ def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
         examples[name] = [{"input_ids": a, **{f"{side}_input_ids": ids[side][i] for side in SIDES[1:] if side in ids}}
                           for i, a in enumerate(ids["anchor"])]
         card[name] = {"rows": len(part.rows), "negatives": has_negative,
-                      "truncated": sum(len(x) >= data.max_length for side in ids.values() for x in side)}
+                      "truncated": sum(len(x) >= data.max_length for side in ids.values() for x in side),
+                      "tokens": length_stats([len(x) for side in ids.values() for x in side])}
     return Prepared(examples, {}, card)
 
 
