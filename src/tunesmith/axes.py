@@ -222,6 +222,10 @@ class ObjectiveHooks(Protocol):
     def predict(self, model, tokenizer, texts: list[str], data) -> list[dict]:
         """`tunesmith predict`: one result per text (classifiers)."""
 
+    def encode(self, model, tokenizer, texts: list[str], cfg, data) -> list[list[float]]:
+        """One embedding per text, as training pooled them (embedding models); `tunesmith serve` answers
+        `/v1/embeddings` with it."""
+
     def configure_from_model(self, cfg, model):
         """The objective's config completed from a loaded model (a classifier's labels)."""
 

@@ -145,6 +145,21 @@ def ranking_metrics(rank: list[int]) -> dict[str, float]:
             "ndcg@10": sum(1 / math.log2(r + 1) for r in rank if r <= 10) / n}
 
 
+@torch.no_grad()
+def encode(model, tokenizer, texts: list[str], cfg: Config, data, batch_size: int = 32) -> list[list[float]]:
+    """The embedding of each text, in order: tokenized and pooled as in training (cut at data.max_length)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    for s in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[s:s + batch_size], truncation=True, max_length=data.max_length, padding=True,
+                        return_tensors="pt")
+        out += embed(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), cfg.pooling).tolist()
+    model.train(was_training)
+    return out
+
+
 def metrics(outputs: dict[str, list], cfg: Config) -> dict[str, float]:
     anchors, corpus = torch.tensor(outputs["anchor"]), torch.tensor(outputs["positive"])
     if outputs.get("negative"):
