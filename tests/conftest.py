@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Pulled samples are shared between test sessions (the integration tests download them once).
 os.environ.setdefault("TUNESMITH_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "tunesmith"))
 
-from tiny import make_model_dir, patterned_rows, sentiment_rows, write_jsonl  # noqa: E402
+from tiny import embed_rows, make_model_dir, patterned_rows, sentiment_rows, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +35,16 @@ def sentiment_dir(tmp_path_factory) -> Path:
     write_jsonl(root / "train.jsonl", sentiment_rows(192, seed=1))
     write_jsonl(root / "validation.jsonl", sentiment_rows(48, seed=2))
     write_jsonl(root / "test.jsonl", sentiment_rows(48, seed=3))
+    return root
+
+
+@pytest.fixture(scope="session")
+def embed_dir(tmp_path_factory) -> Path:
+    """A folder of train/validation/test jsonl files of (anchor, positive) rows (tiny.embed_rows)."""
+    root = tmp_path_factory.mktemp("data") / "embed"
+    write_jsonl(root / "train.jsonl", embed_rows(128, seed=1))
+    write_jsonl(root / "validation.jsonl", embed_rows(32, seed=2))
+    write_jsonl(root / "test.jsonl", embed_rows(32, seed=3))
     return root
 
 

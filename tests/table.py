@@ -39,6 +39,8 @@ class Dims:
     extra: tuple = ()
     labels: int = 0
     """Classes of a classification head (0 for language models)."""
+    lm_head: bool = True
+    """A language-model head tied to the input embeddings (False for a classifier or a bare encoder)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +76,20 @@ def _adapter(d: Dims, per_block: int, reduction: int) -> int:
 TUNINGS_UNDER_TEST = {
     "full": Tuning({"kind": "full"}, lambda d: d.total, adapter=False),
     "freeze": Tuning({"kind": "freeze", "train_last": 1},
-                     lambda d: d.block + d.head + (0 if d.labels else d.vocab * d.h), adapter=False),  # LM: tied embeddings
+                     lambda d: d.block + d.head + (d.vocab * d.h if d.lm_head and not d.labels else 0),
+                     adapter=False),  # LM: tied embeddings
     "lora": Tuning({"kind": "lora", "r": 4, "alpha": 8, "targets": "all-linear"}, lambda d: _lora(d, 4)),
     "dora": Tuning({"kind": "dora", "r": 4, "alpha": 8, "targets": "all-linear"}, lambda d: _lora(d, 4, dora=True)),
     "qlora": Tuning({"kind": "qlora", "r": 4, "alpha": 8, "targets": "all-linear", "gradient_checkpointing": False},
                     lambda d: _lora(d, 4)),
     "ia3": Tuning({"kind": "ia3"}, _ia3),
-    "prefix": Tuning({"kind": "prefix", "tokens": 4}, lambda d: 4 * d.layers * 2 * d.kv + d.head, merges=False),
+    "prefix": Tuning({"kind": "prefix", "tokens": 4}, lambda d: 4 * d.layers * 2 * d.kv + d.head, merges=False,
+                     rejects={"embed": "objective embed trains with tuning"}),
     "prompt": Tuning({"kind": "prompt", "tokens": 4, "init": "text", "init_text": "good or bad"},
                      lambda d: 4 * d.h + d.head, merges=False,
                      rejects={"classify-llama": "prompt tuning cannot train a llama classifier",
-                              "reward": "prompt tuning cannot train a llama classifier"}),
+                              "reward": "prompt tuning cannot train a llama classifier",
+                              "embed": "objective embed trains with tuning"}),
     "adapter-houlsby": Tuning({"kind": "adapter", "placement": "houlsby", "reduction_factor": 4},
                               lambda d: _adapter(d, 2, 4), merges=False),
     "adapter-pfeiffer": Tuning({"kind": "adapter", "placement": "pfeiffer", "reduction_factor": 4},
@@ -153,6 +158,14 @@ def _mlm_batch(g):
     chosen = (torch.rand(ids.shape, generator=g) < 0.3) & (mask == 1)
     chosen[:, 1] = True  # at least one masked token per row
     return {"input_ids": ids.masked_fill(chosen, 4), "attention_mask": mask, "labels": ids.masked_fill(~chosen, -100)}
+
+
+def _embed_batch(g):
+    """Anchors and positives of uneven length (padded rows in both)."""
+    ids, mask = _ids(g)
+    positive, positive_mask = _ids(g, length=7)
+    return {"input_ids": ids, "attention_mask": mask, "positive_input_ids": positive,
+            "positive_attention_mask": positive_mask}
 
 
 def _pair_batch(g, labels: bool):
@@ -230,6 +243,8 @@ OBJECTIVES_UNDER_TEST = {
     "mlm": Objective("mlm", "tiny_bert", {}, _mlm_batch),
     "reward": Objective("reward", "tiny_llama", {"num_labels": 1}, lambda g: _pair_batch(g, labels=False), Runs(
         lambda rng: _pairs(rng, labels=False, ref=False), preference_rows, _preference_config("{kind: reward}"))),
+    # no `runs`: an in-batch-negative loss depends on which rows share a batch, so accumulation cannot equal it
+    "embed": Objective("embed", "tiny_bert", {}, _embed_batch),
     "dpo": Objective("dpo", "tiny_llama", {}, lambda g: _pair_batch(g, labels=True), Runs(
         lambda rng: _pairs(rng, labels=True, ref=True), preference_rows, _preference_config("{kind: dpo, beta: 0.5}"))),
 }
@@ -243,7 +258,9 @@ def dims(config, head: str, total: int) -> Dims:
         # masked-LM head: a dense transform, its LayerNorm and the decoder's bias (its weight is the embeddings')
         mlm_head = h * h + h + 2 * h + config.vocab_size if head == "masked-lm" else 0
         return Dims(h, layers, inter, h, config.vocab_size, total, head=labels * h + labels if labels else mlm_head,
-                    block=block, linears=((h, h),) * 4 + ((h, inter), (inter, h)), extra=((h, h),), labels=labels)
+                    block=block, linears=((h, h),) * 4 + ((h, inter), (inter, h)),
+                    extra=() if head == "encoder" else ((h, h),), labels=labels,  # the pooler (an encoder has none)
+                    lm_head=head != "encoder")
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     block = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
     return Dims(h, layers, inter, kv, config.vocab_size, total, head=labels * h, block=block,

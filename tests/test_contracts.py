@@ -104,7 +104,8 @@ def _train(tuning: str, objective: str, model_dir) -> Trained:
 
 def _logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()  # encoder
 
 
 def _case_id(case):
@@ -115,11 +116,11 @@ def _case_id(case):
 def test_trainable_count_matches_formula(tuning, objective, trained):
     t = trained(tuning, objective)
     head = OBJECTIVES[t.cfg.objective.kind].HEAD
-    from tunesmith.models.load import head_class
+    from tunesmith.models.load import bare, head_class
 
     with torch.device("meta"):
-        base = head_class(head).from_config(t.model.config if not hasattr(t.model, "get_base_model")
-                                            else t.model.get_base_model().config)
+        base = bare(head_class(head).from_config(t.model.config if not hasattr(t.model, "get_base_model")
+                                                 else t.model.get_base_model().config), head)
     d = dims(base.config, head, sum(p.numel() for p in base.parameters()))
     trainable, total = count_parameters(t.model)
     assert trainable == TUNINGS_UNDER_TEST[tuning].count(d)

@@ -20,7 +20,7 @@ def test_every_example_in_the_formats_doc_is_detected_as_documented():
     text = DOC.read_text()
     examples = re.findall(r"### `(\w+)`.*?```json\n(.*?)\n```", text, flags=re.S)
     assert {name for name, _ in examples} == {"text", "prompt_completion", "alpaca", "sharegpt", "messages",
-                                              "preference", "sharegpt_preference", "scored", "prompt"}
+                                              "preference", "sharegpt_preference", "scored", "prompt", "unpaired"}
     for name, body in examples:
         row = json.loads(body)
         assert detect(row) == name, name
@@ -29,6 +29,13 @@ def test_every_example_in_the_formats_doc_is_detected_as_documented():
         elif name in ("preference", "sharegpt_preference"):
             prompt, chosen, rejected = to_preference(row, name)
             assert prompt[-1]["role"] == "user" and chosen and rejected
+        elif name == "unpaired":  # kto's thumbs-up/down answers
+            from types import SimpleNamespace
+
+            from tunesmith.data.formats import unpaired_rows
+
+            (_, prompt, answer, label, pair), = unpaired_rows(SimpleNamespace(rows=[row]), name)
+            assert prompt[-1]["role"] == "user" and answer and label is True and pair == -1
         elif name == "prompt":  # ppo's prompts: it writes the answers
             from tunesmith.objectives.ppo import _prompt_of
 

@@ -1,8 +1,11 @@
-"""Preference learning: pair formats, the reward objective (Bradley-Terry) and dpo (sigmoid, IPO, cDPO).
+"""Preference learning: pair formats, the reward objective (Bradley-Terry) and dpo's loss table (sigmoid, IPO,
+cDPO, ORPO, SimPO, KTO on unpaired rows).
 
 Loss tests write each published formula out again here, on hand-made numbers, rather than calling the code
 under test: Bradley-Terry (Ouyang et al. 2022), DPO (Rafailov et al. 2023), IPO (Azar et al. 2023, with trl's
-per-token averaging), conservative DPO / label smoothing (Mitchell 2023; trl's DPOTrainer).
+per-token averaging), conservative DPO / label smoothing (Mitchell 2023; trl's DPOTrainer), ORPO (Hong et al.
+2024), SimPO (Meng et al. 2024), KTO (Ethayarajh et al. 2024, with trl's KL estimate). ORPO and SimPO are also
+checked against trl's own loss methods on the same log-probs, when trl is installed.
 """
 
 from __future__ import annotations
@@ -160,11 +163,14 @@ def test_dpo_losses_match_the_published_formulas(kind, beta, eps):
 
 
 def test_dpo_metrics_are_the_implicit_rewards():
-    from tunesmith.objectives.dpo import Config, metrics
+    from tunesmith.objectives.dpo import Config, implicit_rewards, metrics
 
     beta = 0.5
-    out = metrics({"chosen_logps": LOGP_C, "rejected_logps": LOGP_R, "ref_chosen_logps": REF_C,
-                   "ref_rejected_logps": REF_R, "loss": [0.0] * 4}, Config(beta=beta))
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    rewards = [implicit_rewards(t(p), t(r), t(n), Config(beta=beta)).tolist()
+               for p, r, n in ((LOGP_C, REF_C, TOKENS_C), (LOGP_R, REF_R, TOKENS_R))]
+    out = metrics({"chosen_logps": LOGP_C, "rejected_logps": LOGP_R, "chosen_rewards": rewards[0],
+                   "rejected_rewards": rewards[1], "loss": [0.0] * 4}, Config(beta=beta))
     chosen = [beta * (p - r) for p, r in zip(LOGP_C, REF_C)]
     rejected = [beta * (p - r) for p, r in zip(LOGP_R, REF_R)]
     margins = [c - r for c, r in zip(chosen, rejected)]  # 1.5, -1.5, -0.75, 0.75
@@ -180,7 +186,7 @@ def test_label_smoothing_is_refused_for_ipo():
 
     from tunesmith.objectives.dpo import Config
 
-    with pytest.raises(ValidationError, match="label_smoothing applies to loss: sigmoid only"):
+    with pytest.raises(ValidationError, match="label_smoothing applies to loss: sigmoid or simpo only"):
         Config(loss="ipo", label_smoothing=0.1)
 
 
@@ -300,3 +306,206 @@ def test_eval_of_a_finished_dpo_run_scores_against_its_starting_model(tuning, ti
     assert summary["test"]["reward_accuracy"] > 0.5  # it learned, so a wrong reference would show
     for key in ("loss", "reward_accuracy", "reward_margin"):
         assert scores[key] == pytest.approx(summary["test"][key], abs=1e-4), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference-free losses (orpo, simpo) and kto
+
+
+def _log1mexp(x: float) -> float:
+    return math.log(1 - math.exp(x))
+
+
+def _orpo_simpo(kind: str, beta: float, gamma: float = 0.5, eps: float = 0.0) -> list[float]:
+    """ORPO (Hong et al. 2024, eqs. 2-7): the chosen answer's per-token NLL minus lambda log sigmoid of the log
+    odds ratio of the per-token averaged probabilities; SimPO (Meng et al. 2024, eq. 6): -log sigmoid of the
+    beta-scaled difference of per-token averaged log-probs minus the margin gamma (trl's label smoothing)."""
+    out = []
+    for pc, pr, nc, nr in zip(LOGP_C, LOGP_R, TOKENS_C, TOKENS_R):
+        ac, ar = pc / nc, pr / nr
+        if kind == "orpo":
+            log_odds = (ac - _log1mexp(ac)) - (ar - _log1mexp(ar))
+            out.append(-ac - beta * math.log(_sigmoid(log_odds)))
+        else:
+            z = beta * (ac - ar) - gamma
+            out.append(-(1 - eps) * math.log(_sigmoid(z)) - eps * math.log(_sigmoid(-z)))
+    return out
+
+
+@pytest.mark.parametrize("kind,beta,gamma,eps", [("orpo", 0.1, None, 0.0), ("orpo", 1.0, None, 0.0),
+                                                 ("simpo", 2.0, None, 0.0), ("simpo", 2.5, 1.2, 0.0),
+                                                 ("simpo", 2.0, 0.3, 0.1)])
+def test_orpo_and_simpo_losses_match_the_papers_without_a_reference(kind, beta, gamma, eps):
+    from tunesmith.objectives.dpo import Config, pair_losses
+
+    cfg = Config(beta=beta, loss=kind, gamma=gamma, label_smoothing=eps)
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    got = pair_losses(t(LOGP_C), t(LOGP_R), None, None, cfg, t(TOKENS_C), t(TOKENS_R))
+    want = _orpo_simpo(kind, beta, 0.5 if gamma is None else gamma, eps)
+    torch.testing.assert_close(got, t(want), rtol=1e-5, atol=1e-6)
+
+
+def test_orpo_and_simpo_losses_equal_trls_on_the_same_log_probs():
+    """trl's ORPOTrainer.odds_ratio_loss and CPOTrainer.cpo_loss (loss_type simpo) called on the same averaged
+    log-probs (trl averages them itself for these losses); ORPO's total is trl's `nll - losses.mean()`."""
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    from tunesmith.objectives.dpo import Config, pair_losses
+
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    c, r, nc, nr = t(LOGP_C), t(LOGP_R), t(TOKENS_C), t(TOKENS_R)
+    device = SimpleNamespace(device=torch.device("cpu"))
+    for beta in (0.1, 0.5):
+        odds, *_ = ORPOTrainer.odds_ratio_loss(SimpleNamespace(beta=beta, accelerator=device), c / nc, r / nr)
+        ours = pair_losses(c, r, None, None, Config(loss="orpo", beta=beta), nc, nr)
+        torch.testing.assert_close(ours, -c / nc - odds, rtol=1e-5, atol=1e-6)
+    for beta, gamma, eps in ((2.0, 0.5, 0.0), (2.5, 1.0, 0.2)):
+        trainer = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=gamma, beta=beta, label_smoothing=eps,
+                                  accelerator=device)
+        theirs, *_ = CPOTrainer.cpo_loss(trainer, c / nc, r / nr)
+        ours = pair_losses(c, r, None, None, Config(loss="simpo", beta=beta, gamma=gamma, label_smoothing=eps), nc, nr)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_kto_loss_matches_the_paper_with_trls_kl_estimate():
+    """KTO (Ethayarajh et al. 2024, eq. 7 as trl computes it): z0 = max(0, mean over the batch of the
+    mismatched answers' log-ratios), detached; desirable w_d (1 - sigmoid(beta (r - z0))), undesirable
+    w_u (1 - sigmoid(beta (z0 - r)))."""
+    from tunesmith.objectives.dpo import Config, kto_kl, kto_losses
+
+    logps, ref = [-10.0, -22.5, -7.0, -30.0, -4.0], [-11.0, -21.0, -6.5, -30.0, -6.0]
+    kl, ref_kl = [-14.0, -20.0, -9.0, -31.0, -5.0], [-15.0, -20.5, -10.0, -30.0, -5.5]
+    desirable = [1, 0, 1, 0, 1]
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    for beta, wd, wu in ((0.1, 1.0, 1.0), (0.5, 1.0, 1.33)):
+        z0 = max(0.0, sum(k - rk for k, rk in zip(kl, ref_kl)) / 5)  # (1 + .5 + 1 - 1 + .5) / 5 = 0.4
+        want = [wd * (1 - _sigmoid(beta * ((p - q) - z0))) if d else wu * (1 - _sigmoid(beta * (z0 - (p - q))))
+                for p, q, d in zip(logps, ref, desirable)]
+        cfg = Config(loss="kto", beta=beta, desirable_weight=wd, undesirable_weight=wu)
+        z = kto_kl(t(kl), t(ref_kl))
+        assert z.item() == pytest.approx(z0)
+        torch.testing.assert_close(kto_losses(t(logps), t(ref), torch.tensor(desirable), z, cfg), t(want))
+    assert kto_kl(t(kl), t(kl) + 1).item() == 0  # a negative estimate is clamped at zero
+    policy = t(kl).requires_grad_()
+    assert not kto_kl(policy, t(ref_kl)).requires_grad  # no gradient through the reference point
+
+
+def test_kto_metrics_compare_pairs_when_rows_came_from_pairs_else_label_signs():
+    from tunesmith.objectives.dpo import Config, metrics
+
+    paired = {"logps": [-5.0, -6.0, -8.0, -7.0, -3.0], "rewards": [0.2, -0.1, -0.3, 0.1, 0.4],
+              "desirable": [1, 0, 1, 0, 1], "pair": [0, 0, 1, 1, -1], "kl": [0.5] * 5, "loss": [0.4] * 5}
+    out = metrics(paired, Config(loss="kto"))
+    assert out["reward_accuracy"] == 0.5  # pair 0: 0.2 > -0.1; pair 1: -0.3 < 0.1 (row 4 has no pair)
+    assert out["logp_accuracy"] == 0.5 and out["reward_margin"] == pytest.approx((0.3 - 0.4) / 2)
+    assert out["chosen_reward"] == pytest.approx(0.1) and out["rejected_reward"] == pytest.approx(0.0)
+    assert out["kl"] == 0.5
+    alone = dict(paired, pair=[-1] * 5)
+    out = metrics(alone, Config(loss="kto"))
+    assert out["reward_accuracy"] == pytest.approx(3 / 5)  # the reward has the label's sign in rows 0, 1 and 4
+    assert "logp_accuracy" not in out
+
+
+def _count_forwards(model):
+    calls = []
+    return calls, model.register_forward_hook(lambda *a: calls.append(1))
+
+
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_reference_free_losses_run_no_reference_forward(loss, tiny_llama):
+    """With an adapter that could be switched off, orpo and simpo still run the policy once per step and
+    nothing before training (dpo, the control, runs twice)."""
+    from tunesmith.objectives import dpo
+
+    model, tok = _tuned_llama(tiny_llama, {"kind": "lora", "r": 4})
+    examples, batch = _pair_batch(tok)
+    inner = model.get_base_model()
+    calls, hook = _count_forwards(inner)
+    try:
+        dpo.attach_reference(model, {"train": examples}, dpo.Config(loss=loss), 4, tok.pad_token_id)
+        assert calls == [] and not any(k.startswith("ref_") for k in examples[0])
+        out = dpo.loss(model.train(), batch, dpo.Config(loss=loss))
+        assert len(calls) == 1 and torch.isfinite(out.total) and out.count == 4
+        dpo.eval_step(model.eval(), batch, dpo.Config(loss=loss))
+        assert len(calls) == 2
+        dpo.loss(model.train(), batch, dpo.Config(loss="sigmoid"))
+        assert len(calls) == 4  # the control: reference (adapter off) and policy
+    finally:
+        hook.remove()
+
+
+def test_reference_free_losses_train_the_base_weights_without_precomputing(tiny_llama, preference_dir, in_tmp):
+    """Full tuning has no adapter to switch off, but orpo needs no reference: the run trains, and its base
+    scores are the starting model's own preference (not 0.5 by construction)."""
+    from pydantic import ValidationError
+
+    from tunesmith.objectives.dpo import Config
+
+    cfg = preference_config(in_tmp / "c.yaml", tiny_llama, preference_dir, "{kind: full}",
+                            "{kind: dpo, loss: orpo, precompute_ref: false}")
+    assert main(["train", str(cfg)]) == 0
+    summary = json.loads((in_tmp / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["test"]["reward_accuracy"] > summary["base"]["test"]["reward_accuracy"]
+    with pytest.raises(ValidationError, match="loss orpo has no reference model"):
+        Config(loss="orpo", precompute_ref=True)
+    with pytest.raises(ValidationError, match="gamma is simpo's margin"):
+        Config(loss="orpo", gamma=0.5)
+    with pytest.raises(ValidationError, match="are kto's"):
+        Config(loss="simpo", desirable_weight=2.0)
+
+
+def test_kto_reads_unpaired_rows_and_unpairs_preference_rows(tiny_llama):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.sources import Split
+    from tunesmith.objectives.unpaired import prepare_unpaired
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    data = SimpleNamespace(format="auto", max_length=32)
+    rows = [{"prompt": "the movie", "completion": "good fun", "label": True},
+            {"prompt": "the plot", "completion": "bad dull", "label": "false"},
+            {"prompt": "the plot", "completion": "fine", "label": 1}]
+    prepared = prepare_unpaired({"train": Split(rows, "rows")}, tok, "auto", None, data)
+    ex = prepared.examples["train"]
+    assert [e["desirable"] for e in ex] == [1, 0, 1] and [e["pair"] for e in ex] == [-1, -1, -1]
+    answer = lambda e, key: tok.decode([t for t in e[key] if t != -100])  # noqa: E731
+    assert "good fun" in answer(ex[0], "labels")
+    # the KL answer: the next row's answer under a different prompt (row 1 -> row 0, skipping row 2's "the plot")
+    assert "bad dull" in answer(ex[0], "kl_labels") and "good fun" in answer(ex[1], "kl_labels")
+    assert tok.decode(ex[1]["kl_input_ids"]).startswith(tok.decode(ex[1]["input_ids"][:4]))  # its own prompt
+    pairs = prepare_unpaired({"test": Split(preference_rows(3, 1), "rows")}, tok, "auto", None, data)
+    ex = pairs.examples["test"]
+    assert [e["desirable"] for e in ex] == [1, 0, 1, 0, 1, 0] and [e["pair"] for e in ex] == [0, 0, 1, 1, 2, 2]
+    assert pairs.card["test"]["desirable"] == 3 and pairs.card["test"]["format"] == "preference"
+
+
+def test_kto_bad_label_stops_the_run_naming_file_and_line(tiny_llama, in_tmp, capsys):
+    rows = [{"prompt": "p one", "completion": "good", "label": True},
+            {"prompt": "p two", "completion": "bad", "label": False},
+            {"prompt": "p three", "completion": "fine", "label": "maybe"}] * 8
+    data = write_jsonl(in_tmp / "kto.jsonl", rows)
+    cfg = preference_config(in_tmp / "c.yaml", tiny_llama, data, objective="{kind: dpo, loss: kto}")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "kto.jsonl:3" in err and "label must be true" in err and "'maybe'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("objective", ["{kind: dpo, loss: kto, beta: 0.5}", "{kind: dpo, loss: simpo, beta: 2.0}",
+                                       "{kind: dpo, loss: orpo, beta: 0.5}"], ids=["kto", "simpo", "orpo"])
+def test_preference_losses_learn_the_preference_on_held_out_pairs(objective, tiny_llama, preference_dir, in_tmp):
+    """A short run of each on preference rows (kto: unpaired from them) raises held-out reward accuracy over
+    the base's, and the summary holds the usual preference metrics for base and tuned."""
+    cfg = preference_config(in_tmp / "c.yaml", tiny_llama, preference_dir, objective=objective)
+    assert main(["train", str(cfg)]) == 0
+    summary = json.loads((in_tmp / "runs" / "tiny" / "summary.json").read_text())
+    tuned, base = summary["test"], summary["base"]["test"]
+    assert tuned["reward_accuracy"] >= max(0.7, base["reward_accuracy"])
+    assert tuned["reward_margin"] > base["reward_margin"]
+    assert tuned["logp_accuracy"] > base["logp_accuracy"]

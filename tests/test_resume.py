@@ -7,10 +7,11 @@ import json
 import signal
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import classify_config, cli
+from tiny import classify_config, cli, embed_config
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -26,9 +27,13 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(in_tmp, tiny_bert, sentiment_dir):
+@pytest.mark.parametrize("objective", ["classify", "embed"])
+def test_sigkill_then_resume_matches_uninterrupted_run(objective, in_tmp, tiny_bert, request):
     extra = "train: {epochs: 4, batch_size: 8, grad_accum: 2, lr: 3.0e-3, eval_every: 6, log_every: 2}\n"
-    cfg = classify_config(in_tmp / "c.yaml", tiny_bert, sentiment_dir, "{kind: full}")
+    if objective == "classify":
+        cfg = classify_config(in_tmp / "c.yaml", tiny_bert, request.getfixturevalue("sentiment_dir"), "{kind: full}")
+    else:
+        cfg = embed_config(in_tmp / "c.yaml", tiny_bert, request.getfixturevalue("embed_dir"), "{kind: full}")
     cfg.write_text(cfg.read_text().replace(cfg.read_text().split("\n")[5] + "\n", extra))
 
     whole = cli(["train", str(cfg), "name=whole"], in_tmp)

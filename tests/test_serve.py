@@ -1,6 +1,7 @@
 """`tunesmith serve` as its users run it: a real server process on 127.0.0.1, driven by the official `openai`
 client (and plain HTTP for what a client library would not send), over a tiny sft run, the tiny base model
-(which never stops on its own, so its generations are long) and a tiny classifier run. Also `tunesmith runs`."""
+(which never stops on its own, so its generations are long) and a tiny classifier run; an embedding run on its
+own server. Also `tunesmith runs`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from tunesmith.cli import main  # noqa: E402
-from tiny import classify_config, make_model_dir, sft_config  # noqa: E402
+from tiny import classify_config, embed_config, make_model_dir, sft_config  # noqa: E402
 
 KEY = "test-key-123"
 
@@ -74,23 +75,67 @@ def server(runs_dir, tiny_llama, tmp_path_factory):
     write max_tokens tokens: `tiny-llama` (word-level tokenizer) and `tiny-bpe` (a byte-level BPE tokenizer like
     SmolLM2's, whose decoded text starts with a space)."""
     bpe = make_model_dir(tmp_path_factory.mktemp("models") / "tiny-bpe", "llama-bpe")
+    yield from _serve([str(runs_dir / "sft"), str(tiny_llama), str(runs_dir / "clf"), str(bpe), "--queue", "1",
+                       "--max-body", "100000", "--max-tokens", "200"], 4, tmp_path_factory)
+
+
+def _serve(args: list[str], models: int, tmp_path_factory):
+    """`tunesmith serve ARGS` on a free port with the test key, until the test module is done."""
     log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+", encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(runs_dir / "sft"), str(tiny_llama),
-                             str(runs_dir / "clf"), str(bpe), "--port", "0", "--api-key", KEY, "--queue", "1",
-                             "--max-body", "100000", "--max-tokens", "200"],
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", *args, "--port", "0", "--api-key", KEY],
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 120
     found = None
     while found is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-        found = re.search(r"serving 4 models at (http://127\.0\.0\.1:\d+/v1)", open(log.name).read())
+        found = re.search(rf"serving {models} models? at (http://127\.0\.0\.1:\d+/v1)", open(log.name).read())
     assert found, f"the server did not start:\n{open(log.name).read()}"
     yield Server(proc, found.group(1), log)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def embed_run(tmp_path_factory, tiny_bert, embed_dir):
+    """A tiny embed run (`emb`), with the forgetting probe off and a few steps."""
+    tmp = tmp_path_factory.mktemp("serve-embed")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert main(["train", str(embed_config(tmp / "e.yaml", tiny_bert, embed_dir)), "name=emb",
+                     "train.max_steps=6"]) == 0
+    finally:
+        os.chdir(cwd)
+    return tmp / "runs" / "emb"
+
+
+def test_embed_run_serves_embeddings_pooled_as_trained(embed_run, tmp_path_factory):
+    """/v1/embeddings through the openai client (which asks for base64 by default) and as floats: the vectors
+    are the run's own pooled embeddings; other endpoints and `dimensions` are refused."""
+    import torch
+
+    from tunesmith.objectives.embed import encode
+    from tunesmith.trained import load_trained
+
+    texts = ["the movie was good fun", "a dull plot", "fine"]
+    trained = load_trained(embed_run)
+    want = torch.tensor(encode(trained.model, trained.tokenizer, texts, trained.obj_cfg, trained.data_cfg))
+    for server in _serve([str(embed_run)], 1, tmp_path_factory):
+        assert server.client().models.retrieve("emb").model_extra["kind"] == "embedder"
+        reply = server.client().embeddings.create(model="emb", input=texts)
+        got = torch.tensor([d.embedding for d in reply.data])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert [d.index for d in reply.data] == [0, 1, 2] and reply.usage.prompt_tokens > 0
+        floats = server.client().embeddings.create(model="emb", input="fine", encoding_format="float")
+        torch.testing.assert_close(torch.tensor(floats.data[0].embedding), want[2], rtol=0, atol=1e-5)
+        status, out = server.http("POST", "/v1/embeddings",
+                                  json.dumps({"model": "emb", "input": "x", "dimensions": 8}).encode())
+        assert status == 400 and "dimensions" in out["error"]["message"]
+        status, out = server.http("POST", "/v1/classifications", json.dumps({"model": "emb", "input": "x"}).encode())
+        assert status == 400 and out["error"]["code"] == "wrong_endpoint"
 
 
 def test_models_list_names_every_served_model(server):

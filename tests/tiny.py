@@ -116,6 +116,36 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def embed_rows(n: int, seed: int = 0, negatives: bool = False) -> list[dict]:
+    """(anchor, positive[, negative]) rows: a positive shares its anchor's two key words in other filler (a
+    paraphrase); a negative has one of them and another."""
+    rng = random.Random(seed)
+    keys = POSITIVE + NEGATIVE
+    rows = []
+    for _ in range(n):
+        a, b, c = rng.sample(keys, 3)
+        text = lambda *ws: " ".join(rng.sample(FILLER, rng.randint(2, 5)) + list(ws))  # noqa: E731
+        row = {"anchor": text(a, b), "positive": text(b, a)}
+        if negatives:
+            row["negative"] = text(a, c)
+        rows.append(row)
+    return rows
+
+
+def embed_config(path: Path, model: Path, data: Path | str, tuning: str = "{kind: full}", extra: str = "",
+                 objective: str = "{kind: embed}") -> Path:
+    """A small embedding run config on `embed_rows`."""
+    text = f"""\
+name: tiny
+model: {model}
+data: {{train: {data}, max_length: 32}}
+tuning: {tuning}
+objective: {objective}
+train: {{epochs: 3, batch_size: 16, lr: 3.0e-3, eval_every: 8, log_every: 4, seed: 0}}
+{with_eval(extra)}"""
+    return write_config(path, text)
+
+
 def patterned_rows(n: int, seed: int) -> list[dict]:
     """Plain text for causal LMs: sentences of one pattern with random fillers; learnable, and no two
     rows alike (so train, validation and test do not leak)."""

@@ -12,7 +12,8 @@ Every hook named here is called somewhere in src/ (a test fails otherwise), so a
 and silently ignored. Method modules are leaves: they import nothing from the run layer (`run`, `trained`,
 `train`, `artifacts`, `stages`, `cli`); what they need from it is passed in.
 
-Heads: `sequence-classification` (a new classifier head), `causal-lm`, `masked-lm`.
+Heads: `sequence-classification` (a new classifier head), `causal-lm`, `masked-lm`, `encoder` (the bare body, its
+hidden states pooled into an embedding; no head, no pooler).
 Metric directions: "max" (higher is better), "min" (lower is better), None (neither, e.g. answer length);
 compare two values with `better` below, never with a hand-written list of lower-is-better names.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Protocol, runtime_checkable
 
 Direction = Optional[Literal["max", "min"]]
-HEADS = ("sequence-classification", "causal-lm", "masked-lm")
+HEADS = ("sequence-classification", "causal-lm", "masked-lm", "encoder")
 
 
 def better(direction: Direction, a: float, b: float | None, min_delta: float = 0.0) -> bool:
@@ -228,6 +229,10 @@ class ObjectiveHooks(Protocol):
 
     def predict(self, model, tokenizer, texts: list[str], data) -> list[dict]:
         """`tunesmith predict`: one result per text (classifiers)."""
+
+    def encode(self, model, tokenizer, texts: list[str], cfg, data) -> list[list[float]]:
+        """One embedding per text, as training pooled them (embedding models); `tunesmith serve` answers
+        `/v1/embeddings` with it."""
 
     def configure_from_model(self, cfg, model):
         """The objective's config completed from a loaded model (a classifier's labels)."""

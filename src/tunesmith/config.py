@@ -205,7 +205,7 @@ class RunConfig(Section):
     tuning: TuningConfig = Field(default_factory=lambda: TUNINGS[DEFAULT_TUNING].Config())
     """Which parameters train (`kind`: full, freeze, lora, qlora, dora, ia3, prefix, prompt, adapter; see docs/peft.md)."""
     objective: ObjectiveConfig = Field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].Config())
-    """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo, grpo)."""
+    """What is optimised (`kind`: classify, clm, mlm, sft, reward, dpo, ppo, grpo, embed)."""
     regime: RegimeConfig = Field(default_factory=lambda: REGIMES[DEFAULT_REGIME].Config())
     """How tasks are scheduled (`kind`: single, continual, meta)."""
     train: TrainConfig = TrainConfig()

@@ -41,6 +41,8 @@ def _head_of(model_dir: Path) -> str:
         return "causal-lm"
     if "MaskedLM" in arch:
         return "masked-lm"
+    if arch and all(a.endswith("Model") for a in arch.split()):  # BertModel, ...: the bare body
+        return "encoder"
     return "sequence-classification"
 
 

@@ -90,7 +90,7 @@ class DataConfig(Section):
     """Text encoding of the data files (e.g. `cp1252`, `latin-1`); null: UTF-8, with or without a byte-order
     mark, or UTF-16/32 with one."""
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages", "preference",
-                    "sharegpt_preference", "scored", "prompt"] = "auto"
+                    "sharegpt_preference", "scored", "unpaired", "prompt"] = "auto"
     """Row format for generative objectives (see docs/formats.md); auto detects it from the first row."""
     checks: ChecksConfig = ChecksConfig()
     """Leakage, duplicate, empty-row, truncation and label-balance checks, run before training."""

@@ -8,6 +8,7 @@ Every format documented in docs/formats.md (with an example row each) is read he
   sharegpt           {"conversations": [{"from", "value"}], "system"?}
   messages           {"messages": [{"role", "content"}]}      OpenAI style, system allowed
   preference         {"prompt", "chosen", "rejected"}          (for preference objectives)
+  unpaired           {"prompt", "completion", "label"}         one answer, thumbs up (true) or down (false) (kto)
   sharegpt_preference {"conversations", "chosen": {"from", "value"}, "rejected": {...}}
   prompt             {"prompt"}                                a prompt alone (for ppo, which writes its answers)
   scored             {"prompt", "responses": [{"text", "score"}, ...]}   several scored answers per prompt
@@ -15,6 +16,8 @@ Every format documented in docs/formats.md (with an example row each) is read he
 Preference objectives (reward, dpo) read pairs: a preference row is one pair; a scored row gives a
 pair of its best answer with each strictly worse one (`scored_pairs`: ties give no pair, so a row
 whose answers all score the same gives none).
+KTO (dpo's `loss: kto`) reads unpaired rows; preference rows given to it are unpaired (`unpaired_rows`):
+each pair becomes its chosen answer labelled true and its rejected answer labelled false.
 
 A conversation is a list of `{"role": "system" | "user" | "assistant", "content": str}`; templates
 (data/templates.py) render conversations, never raw rows, so every format trains and generates the
@@ -35,12 +38,16 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),
     "scored": ("prompt", "responses"),
+    "unpaired": ("prompt", "completion", "label"),
     "prompt_completion": ("prompt", "completion"),
     "prompt": ("prompt",),
     "text": ("text",),
 }
 SFT_FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
 PREFERENCE_FORMATS = ("preference", "sharegpt_preference", "scored")
+UNPAIRED_FORMATS = ("unpaired",) + PREFERENCE_FORMATS
+"""What KTO trains on: unpaired rows, or preference rows unpaired."""
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False}
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system"}
@@ -87,6 +94,8 @@ def split_format(part, wanted: str, allowed=SFT_FORMATS) -> str:
         columns = ", ".join(map(str, part.rows[0]))
         hint = ("preference rows are for preference objectives; map a response column with data.columns "
                 "(e.g. {completion: chosen}) to fine-tune on it") if fmt in PREFERENCE_FORMATS else \
+            ("unpaired rows (prompt, completion, label) are for objective dpo with loss: kto; set data.format: "
+             "prompt_completion to fine-tune on every completion") if fmt == "unpaired" else \
             f"this objective needs preference pairs: {describe(allowed)}; name yours with data.columns " \
             "(e.g. {chosen: better, rejected: worse})"
         raise DataError(f"the rows are in the {fmt} format, which this objective does not train on "
@@ -257,4 +266,41 @@ def preference_pairs(part, fmt: str) -> list[tuple[int, Conversation, str, str]]
                 out.append((i, *to_preference(row, fmt)))
         except FormatError as e:
             raise row_error(part, i, fmt, str(e), allowed=PREFERENCE_FORMATS) from None
+    return out
+
+
+def _label(value) -> bool:
+    """An unpaired row's label: true/false (JSON booleans, 1/0, or the words, as CSV files spell them)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise FormatError(f"label must be true (a desirable answer) or false (an undesirable one), got {value!r}")
+
+
+def unpaired_rows(part, fmt: str) -> list[tuple[int, Conversation, str, bool, int]]:
+    """Every (row index, prompt conversation, answer, label, pair) of a split for KTO. Unpaired rows give
+    themselves (pair -1); a preference row (or each pair of a scored row) gives two, its chosen answer labelled
+    true and its rejected answer labelled false, which share a pair number (held-out pairs are then also
+    compared pair by pair). Each failure is reported with its row."""
+    if fmt != "unpaired":
+        out = []
+        for k, (i, prompt, chosen, rejected) in enumerate(preference_pairs(part, fmt)):
+            out += [(i, prompt, chosen, True, k), (i, prompt, rejected, False, k)]
+        return out
+    out = []
+    for i, row in enumerate(part.rows):
+        try:
+            missing = [k for k in SIGNATURES[fmt] if k not in row]
+            if missing:
+                raise FormatError(f"missing {', '.join(missing)}")
+            response = _response(row["completion"], "completion")
+            if len(response) != 1 or response[0]["role"] != "assistant":
+                raise FormatError("completion must be one assistant response")
+            prompt = _with_system(row, _prompt_messages(row["prompt"]))
+            out.append((i, prompt, response[0]["content"], _label(row["label"]), -1))
+        except FormatError as e:
+            raise row_error(part, i, fmt, str(e), allowed=UNPAIRED_FORMATS) from None
     return out

@@ -7,6 +7,7 @@ What is measured depends on the head, not on the objective, so every objective g
                            (Kornblith et al., 2019) between the mean-pooled hidden states of the starting
                            and the tuned model (0: the same geometry; grows as features change), and its
                            mean over layers (fine-tuning reshapes the top layers most, the lower ones little)
+  encoder                  the same drift (an embedding model's body)
 
 A language model's probe reports the relative perplexity increase and warns above
 `eval.forgetting.max_increase`; a classifier's reports the drift and warns when its mean over layers
@@ -44,6 +45,10 @@ def load_probe(cfg, tokenizer, head: str) -> Probe | None:
     return Probe(examples, head, list(cfg.data), sum(len(e["input_ids"]) for e in examples))
 
 
+REPRESENTATION_HEADS = ("sequence-classification", "encoder")
+"""Heads probed by the drift of their body's representation (they have no language-model loss)."""
+
+
 @torch.no_grad()
 def measure(model, probe: Probe, pad_id: int, batch_size: int, device) -> dict:
     """Loss and perplexity on the probe (LM heads), or the pooled representations (classifiers)."""
@@ -59,7 +64,7 @@ def measure(model, probe: Probe, pad_id: int, batch_size: int, device) -> dict:
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        if probe.head == "sequence-classification":
+        if probe.head in REPRESENTATION_HEADS:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = torch.stack([(h.float() * mask).sum(1) / mask.sum(1).clamp(min=1) for h in out.hidden_states], 1)
@@ -70,7 +75,7 @@ def measure(model, probe: Probe, pad_id: int, batch_size: int, device) -> dict:
             loss_sum += float(sums.sum())
             count += int(counts.sum())
     model.train(was_training)
-    if probe.head == "sequence-classification":
+    if probe.head in REPRESENTATION_HEADS:
         return {"features": torch.stack(features)}  # (texts, layers, hidden)
     from .metrics import perplexity
 
@@ -90,7 +95,7 @@ def compare(before: dict, after: dict, cfg, probe: Probe, run_cfg=None) -> dict:
     """The probe's delta between the starting and the tuned model, with a warning past the threshold and the
     changes to try, made from the run's config `run_cfg` (`advice.forgetting`)."""
     where = f"{', '.join(probe.sources)} ({cfg.split}, {len(probe.examples)} texts, {probe.tokens:,d} tokens)"
-    if probe.head == "sequence-classification":
+    if probe.head in REPRESENTATION_HEADS:
         a, b = before["features"], after["features"]
         layers = [1 - linear_cka(a[:, k], b[:, k]) for k in range(a.shape[1])]
         drift = sum(layers) / len(layers)

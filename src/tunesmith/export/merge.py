@@ -81,5 +81,8 @@ def _dequantize(model: nn.Module) -> nn.Module:
         del config.quantization_config
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     fresh = type(model)._from_config(config, dtype=torch.float32)
+    for name, child in list(fresh.named_children()):  # a part the model had dropped (an encoder's pooler) stays so
+        if getattr(model, name, child) is None:
+            setattr(fresh, name, None)
     fresh.load_state_dict(state, strict=True)
     return fresh.eval()

@@ -37,7 +37,9 @@ def outputs(model, tokenizer, prompts, generate: bool, max_new_tokens: int = 16)
     for text in prompts:
         enc = tokenizer(text, return_tensors="pt").to(device)
         ids.append(enc["input_ids"][0].tolist())
-        logits.append(model(**enc).logits.float().cpu())
+        out = model(**enc)
+        # an encoder (objective embed) has no logits: its last hidden states are what it outputs
+        logits.append((out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float().cpu())
         if generate:
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                                  top_k=None, pad_token_id=tokenizer.pad_token_id)

@@ -30,8 +30,17 @@ def head_class(head: str):
         "sequence-classification": transformers.AutoModelForSequenceClassification,
         "causal-lm": transformers.AutoModelForCausalLM,
         "masked-lm": transformers.AutoModelForMaskedLM,
+        "encoder": transformers.AutoModel,
     }
     return classes[head]
+
+
+def bare(model, head: str):
+    """An `encoder` is the body alone: its pooler (BERT's dense + tanh over [CLS], which no embedding pooling
+    reads) is dropped, so nothing untrained is saved with it; `AutoModel` reloads it as a plain encoder."""
+    if head == "encoder" and getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -133,7 +142,7 @@ def check_architecture(model_cfg, config, head: str, max_length: int | None) -> 
     kind, name = type(config), model_cfg.name
     model_type = getattr(config, "model_type", kind.__name__)
     auto = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification",
-            "masked-lm": "AutoModelForMaskedLM"}[head]
+            "masked-lm": "AutoModelForMaskedLM", "encoder": "AutoModel"}[head]
     own_code = auto in (getattr(config, "auto_map", None) or {})  # a model with its own classes says what it has
     if head == "causal-lm" and not own_code and not is_decoder_only(config):
         raise ModelError(f"{name} is a {model_type} model, not a decoder-only causal language model, so it cannot "
@@ -203,7 +212,7 @@ def load_model(model_cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad
             if extra:
                 raise ModelError(f"{model_cfg.name} is a random architecture; it cannot be loaded with "
                                  f"{', '.join(extra)}", where="model.name")
-            return cls.from_config(config, dtype=dtype)
+            return bare(cls.from_config(config, dtype=dtype), head)
         try:
             model = cls.from_pretrained(resolved, config=config, dtype=dtype,
                                         trust_remote_code=model_cfg.trust_remote_code, **extra)
@@ -214,7 +223,7 @@ def load_model(model_cfg, head: str, model_kwargs: dict, dtype: torch.dtype, pad
 
         keep_compute_dtype(model)
         release_checkpoint(model)
-    return model
+    return bare(model, head)
 
 
 def load_error(name: str, head: str, e: BaseException) -> ModelError:
@@ -242,7 +251,7 @@ def build_on_meta(model_cfg, head: str, model_kwargs: dict):
     config = build_config(model_cfg, model_kwargs, resolved)
     try:
         with torch.device("meta"), quiet_transformers():
-            return head_class(head).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+            return bare(head_class(head).from_config(config, trust_remote_code=model_cfg.trust_remote_code), head)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ZeroDivisionError, IndexError) as e:
         raise ModelError(f"its config describes a model that cannot be built ({type(e).__name__}: {str(e)[:200]})",
                          where=f"{model_cfg.name} (config.json)", hint="check the sizes in config.json") from None

@@ -4,6 +4,7 @@
   POST /v1/chat/completions       a chat turn, through the model's own chat template (stream: server-sent events)
   POST /v1/completions            text continued as is (every causal LM; a clm run's only endpoint)
   POST /v1/classifications        labels and class probabilities (classifier runs)
+  POST /v1/embeddings             one embedding per text, pooled as trained (embed runs)
   GET  /health                    liveness, without the API key
 
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for a
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from .models import Served
-from .schemas import ChatRequest, ClassificationRequest, CompletionRequest
+from .schemas import ChatRequest, ClassificationRequest, CompletionRequest, EmbeddingRequest
 from .service import Limits, Service
 from .shapes import CHAT, TEXT, ApiError, error
 
@@ -168,3 +169,7 @@ def _routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/classifications")
     async def classifications(body: ClassificationRequest):
         return await service.classify(service.pick(body.model, "/v1/classifications"), body.input)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        return await service.embed(service.pick(body.model, "/v1/embeddings"), body.input, body.encoding_format)

@@ -3,7 +3,7 @@
 A run folder is named by its run name (`name:` in its config), a model folder by its folder name, a
 sample by `sample:<name>`. A multi-task classifier serves each task as `<run>/<task>`. What a model
 can do decides its endpoints: a causal LM with a chat template chats and completes text, one without
-(a clm run) completes text, a classifier labels texts.
+(a clm run) completes text, a classifier labels texts, an embedding model (an embed run) embeds them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ ENDPOINTS = {
     "chat": ["/v1/chat/completions", "/v1/completions"],
     "text": ["/v1/completions"],
     "classifier": ["/v1/classifications"],
+    "embedder": ["/v1/embeddings"],
 }
 """What each kind of served model answers."""
 
@@ -30,7 +31,7 @@ class Served:
     trained: object
     """trained.Trained: the model, its tokenizer, chat format and generation settings."""
     kind: str
-    """chat, text or classifier (see ENDPOINTS)."""
+    """chat, text, classifier or embedder (see ENDPOINTS)."""
     source: str
     """What was given on the command line."""
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -61,6 +62,8 @@ def _kind(trained, source: str) -> str:
         return "chat" if trained.chat.template is not None else "text"
     if hasattr(trained.objective, "predict"):
         return "classifier"
+    if hasattr(trained.objective, "encode"):
+        return "embedder"
     raise TunesmithError(f"{source} neither generates text nor labels texts (objective "
                          f"{trained.cfg.objective.kind if trained.cfg else trained.objective.HEAD}), so it cannot "
                          "be served", hint="serve runs of sft, clm or classify, or causal LM / classifier folders")

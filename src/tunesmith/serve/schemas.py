@@ -122,3 +122,25 @@ class ClassificationRequest(Body):
         if len(texts) > MAX_INPUTS:
             raise ValueError(f"at most {MAX_INPUTS} texts per request")
         return texts
+
+
+class EmbeddingRequest(Body):
+    model: str
+    input: Union[str, list[str]]
+    """One text or a list of texts to embed (token-id arrays are not read)."""
+    encoding_format: Literal["float", "base64"] = "float"
+    """float: lists of numbers; base64: little-endian float32 bytes (what the openai client asks for)."""
+    dimensions: Optional[int] = None
+    """Refused: the model's embeddings have one width."""
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value):
+        return ClassificationRequest._texts(value)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value):
+        if value is not None:
+            raise ValueError("dimensions (shortened embeddings) is not supported: embeddings have the model's width")
+        return value

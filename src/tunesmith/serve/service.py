@@ -4,9 +4,11 @@ generation in a worker, and shape the answer (whole, or as server-sent events)."
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import secrets
+import struct
 import threading
 import time
 import uuid
@@ -108,6 +110,18 @@ class Service:
         return {"object": "list", "model": model.name,
                 "data": [{"object": "classification", "index": i, "label": o["label"], "probabilities": o["scores"]}
                          for i, o in enumerate(out)]}
+
+    async def embed(self, model: Served, texts: list[str], encoding_format: str) -> dict:
+        trained = model.trained
+        vectors = await self.run(lambda: trained.objective.encode(trained.model, trained.tokenizer, texts,
+                                                                  trained.obj_cfg, trained.data_cfg), threading.Event())
+        tokens = sum(len(ids) for ids in trained.tokenizer(texts, truncation=True,
+                                                           max_length=trained.data_cfg.max_length)["input_ids"])
+        as_sent = (lambda v: v) if encoding_format == "float" else \
+            (lambda v: base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode())
+        return {"object": "list", "model": model.name,
+                "data": [{"object": "embedding", "index": i, "embedding": as_sent(v)} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     async def answer(self, model: Served, chat, req: generating.Request, body, shape: Shape):
         """The whole answer as one response, or (stream) as server-sent events."""

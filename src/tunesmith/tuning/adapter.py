@@ -37,7 +37,7 @@ from .common import check_head
 
 MERGEABLE = False
 TRAINS_BASE = False
-HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+HEADS = frozenset({"sequence-classification", "causal-lm", "encoder"})  # not masked-lm: a random MLM head would stay frozen
 LR_RANGE = (1e-4, 1e-3)  # the bottleneck starts at zero, like LoRA
 WEIGHTS, DESCRIPTION = "adapters.safetensors", "adapters.json"
 

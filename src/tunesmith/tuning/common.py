@@ -18,6 +18,7 @@ PEFT_TASK_TYPES = {
     "sequence-classification": "SEQ_CLS",
     "causal-lm": "CAUSAL_LM",
     "masked-lm": None,
+    "encoder": "FEATURE_EXTRACTION",
 }
 
 

@@ -18,7 +18,7 @@ MERGEABLE = True
 TRAINS_BASE = False
 LR_RANGE = lora.LR_RANGE
 advice = lora.advice  # the same rank and dropout
-HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+HEADS = frozenset({"sequence-classification", "causal-lm", "encoder"})  # not masked-lm: a random MLM head would stay frozen
 
 
 class Config(LowRank):

@@ -24,7 +24,7 @@ from . import feature_cache
 
 MERGEABLE = True  # the trained weights already are a plain model
 TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
-HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm"})
+HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm", "encoder"})
 LR_RANGE = (1e-4, 1e-2)  # a head (or a few blocks) on frozen features takes large steps
 
 

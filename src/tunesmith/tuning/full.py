@@ -14,7 +14,7 @@ from . import freeze, lora
 
 MERGEABLE = True  # the trained weights already are a plain model
 TRAINS_BASE = True  # the base weights themselves train: stored in fp32, no adapter to switch off
-HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm"})
+HEADS = frozenset({"sequence-classification", "causal-lm", "masked-lm", "encoder"})
 LR_RANGE = (1e-5, 1e-4)  # every pretrained weight moves: small steps
 
 

@@ -19,7 +19,7 @@ from .common import check_head, head_to_train, wrap
 
 MERGEABLE = True
 TRAINS_BASE = False
-HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+HEADS = frozenset({"sequence-classification", "causal-lm", "encoder"})  # not masked-lm: a random MLM head would stay frozen
 LR_RANGE = (1e-3, 1e-2)  # rescaling vectors start at one and need large steps
 
 

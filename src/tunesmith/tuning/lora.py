@@ -18,7 +18,7 @@ from .common import check_head, head_to_train, wrap
 
 MERGEABLE = True
 TRAINS_BASE = False
-HEADS = frozenset({"sequence-classification", "causal-lm"})  # not masked-lm: a random MLM head would stay frozen
+HEADS = frozenset({"sequence-classification", "causal-lm", "encoder"})  # not masked-lm: a random MLM head would stay frozen
 LR_RANGE = (5e-5, 1e-3)  # low-rank updates start at zero and need a larger step than full fine-tuning
 
 
