@@ -191,7 +191,7 @@ def test_a_streamed_sampled_answer_is_the_same_text_with_a_bpe_tokenizer(server)
                  "seed": seed, "max_tokens": 30}
         whole = client.chat.completions.create(**asked).choices[0].message.content
         pieces, _ = _streamed(client, **asked)
-        assert len(whole.split()) > 3 and whole == whole.strip() and "".join(pieces) == whole, seed
+        assert whole and whole == whole.strip() and "".join(pieces) == whole, seed
 
 
 def test_stop_strings_cut_the_answer_streamed_or_not(server):

@@ -307,7 +307,10 @@ train: {train}
 def cli(args, cwd, env=None, script=None):
     """`tunesmith ARGS` in a fresh process (or `script` run with those arguments), for tests that kill it."""
     cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunesmith"]
-    return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    # this folder on the path: configs name reward functions in this module (`tiny:count_good`)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(cmd + args, cwd=cwd, env={**os.environ, "PYTHONPATH": path, **(env or {})},
+                          capture_output=True, text=True)
 
 
 def train_small(root: Path, model, data, tuning: str, name: str, objective: str = "clm", steps: int = 8,

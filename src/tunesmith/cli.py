@@ -184,11 +184,12 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .trained import load_trained
 
+    texts = args.texts or _stdin_texts("texts")  # the input is checked before any weights load
     trained = _one_task(load_trained(args.run, trust_remote_code=args.trust_remote_code), args.task)
     if not hasattr(trained.objective, "predict"):
         raise TunesmithError(f"{args.run} is not a classifier; predict labels texts",
-                             hint=f"for language models use `tunesmith generate {args.run} \"...\"`")
-    texts = args.texts or _stdin_texts("texts")
+                             hint=f"for language models use `tunesmith generate {args.run} \"...\"`; an embedding "
+                                  "model answers on `tunesmith serve`'s /v1/embeddings")
     for text, out in zip(texts, trained.objective.predict(trained.model, trained.tokenizer, texts, trained.data_cfg)):
         print(json.dumps({"text": text, **out}, ensure_ascii=False))
     return 0

@@ -520,6 +520,18 @@ def write_run(run_dir: Path, tuning, model, tokenizer, summary: dict, after_weig
     html.write_after_run(run_dir)
 
 
+def _rl_start_scores(run_dir: Path, resume: bool, split: str, score):
+    """The starting model's held-out scores and answers: `score()` once, saved, and read back on --resume."""
+    base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
+    if resume and base_file.exists():
+        return (artifacts.read_json(base_file)[split],
+                [Generation(**g) for g in artifacts.read_json(answers_file)])
+    base, answers = score()
+    artifacts.write_json(base_file, {split: base})
+    artifacts.write_json(answers_file, [g.__dict__ for g in answers])
+    return base, answers
+
+
 def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report: Report, model, resume: bool,
               started: float, accelerator, counts: tuple[int, int]) -> dict:
     """An RL objective (its own loop, train/ppo.py or train/grpo.py): the starting model answers held-out prompts
@@ -546,16 +558,9 @@ def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report
     what = "episodes" if obj.env is not None else "prompts"
     base = base_answers = None
     if held:
-        base_file, answers_file = run_dir / "base_scores.json", run_dir / "base_generations.json"
-        if resume and base_file.exists():
-            base = artifacts.read_json(base_file)[split]
-            base_answers = [Generation(**g) for g in artifacts.read_json(answers_file)]
-        else:
-            say(f"starting model answering {n} {split} {what} ...")
-            base, base_answers = rollout.evaluate(trainee.policy, reference, answers_from, split, n, settings,
-                                                  cfg.train.seed)
-            artifacts.write_json(base_file, {split: base})
-            artifacts.write_json(answers_file, [g.__dict__ for g in base_answers])
+        say(f"starting model answering {n} {split} {what} ...")
+        base, base_answers = _rl_start_scores(run_dir, resume, split, lambda: rollout.evaluate(
+            trainee.policy, reference, answers_from, split, n, settings, cfg.train.seed))
         say(f"base {split} " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
 
     trained = loop.fit(model=trainee, reference=reference,
