@@ -107,8 +107,9 @@ def build(served: dict[str, Served], limits: Limits, api_key: str | None = None)
     return app
 
 
-def _errors(app: FastAPI) -> None:
-    """Every failure in OpenAI's error shape: bad requests 4xx, a bug 500 with its traceback in the log only."""
+def request_errors(app: FastAPI) -> None:
+    """A refused request (ApiError) and a body that fails its schema, as 4xx in the one error shape: shared by
+    every tunesmith web app (serve, ui)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -118,6 +119,11 @@ def _errors(app: FastAPI) -> None:
     async def _invalid(request, exc: RequestValidationError):
         message, param = _validation_message(exc)
         return error(400, message, param=param)
+
+
+def _errors(app: FastAPI) -> None:
+    """Every failure in OpenAI's error shape: bad requests 4xx, a bug 500 with its traceback in the log only."""
+    request_errors(app)
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):

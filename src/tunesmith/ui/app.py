@@ -23,15 +23,14 @@ from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from ..errors import TunesmithError, from_os_error
 from ..report.html import REPORT
-from ..serve.api import _validation_message
-from ..serve.shapes import ApiError, error
+from ..serve.api import request_errors
+from ..serve.shapes import error
 from . import views
 from .jobs import Jobs
 from .talk import Talk
@@ -158,14 +157,7 @@ def _errors(app: FastAPI) -> None:
     async def _bad_input(request, exc: TunesmithError):
         return error(400, exc.render())
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
-        return error(400, message, param=param)
+    request_errors(app)
 
     @app.exception_handler(ValidationError)
     async def _invalid_chat(request, exc: ValidationError):
