@@ -535,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     bad input exits 2 with `error: WHERE: WHAT`, a bug exits 1 naming the log with its traceback."""
     import signal
 
+    from .allocator import fix_mmap_threshold
+
+    fix_mmap_threshold()  # before any tensor exists: freed activations go back to the system (allocator.py)
     quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TUNESMITH_DEBUG", "") not in ("", "0")

@@ -1,0 +1,89 @@
+"""Peak memory and training speed with glibc's default malloc vs the fixed mmap threshold the command sets.
+
+    python bench/allocator.py [--config examples/X.yaml ...] [--steps 4] [--repeats 2] [--set key=value ...]
+
+For each config, short runs of `tunesmith train CONFIG train.max_steps=--steps` (no evaluation inside the loop, no
+base scoring, forgetting probe or generation) alternate between TUNESMITH_MMAP_THRESHOLD=0 (glibc's default:
+the threshold rises with every large block freed, src/tunesmith/allocator.py) and the default fixed threshold,
+--repeats times each, every run in a fresh process. Printed per config: the peak RSS of each side (the child's
+ru_maxrss), its training seconds (summary.json's train.train_seconds, the median over repeats), the ratios, and
+the final training loss of both (they must match: the allocator changes where memory lives, not the numbers).
+
+Run it on an otherwise idle machine: the time ratio is the price of the page faults of fresh mappings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_CONFIGS = ["examples/sft-alpaca-lora.yaml", "examples/sentiment-lora.yaml"]
+SIDES = {"glibc default": "0", "fixed threshold": ""}
+
+
+def short_run(steps: int) -> list[str]:
+    return [f"train.max_steps={steps}", f"train.eval_every={steps}", "data.max_rows.validation=8",
+            "data.max_rows.test=8", "eval.compare_base=false", "eval.forgetting.enabled=false",
+            "eval.generate.prompts=0"]
+
+
+def one_run(config: str, overrides: list[str], threshold: str) -> dict:
+    """Peak RSS (GiB), training seconds and last logged loss of one fresh `tunesmith train` process."""
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if r.returncode == 0 else -1)")
+    env = {**os.environ, "TUNESMITH_MMAP_THRESHOLD": threshold}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-c", code, sys.executable, "-m", "tunesmith", "train", config, *overrides,
+               f"output.dir={tmp}", "--force"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "-1"
+        if int(last) < 0:
+            raise SystemExit(f"{config}: the run failed:\n{out.stderr[-2000:]}")
+        summary = json.loads(next(Path(tmp).glob("*/summary.json")).read_text())
+        losses = [json.loads(line)["loss"] for line in next(Path(tmp).glob("*/metrics.jsonl")).read_text().splitlines()
+                  if '"loss"' in line and '"split"' not in line]
+    return {"peak_gib": int(last) / 2**20, "train_seconds": summary["train"]["train_seconds"],
+            "loss": losses[-1] if losses else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    args = ap.parse_args(argv)
+    table = []
+    for config in args.config or DEFAULT_CONFIGS:
+        overrides = short_run(args.steps) + args.overrides
+        runs = {side: [] for side in SIDES}
+        for _ in range(args.repeats):
+            for side, threshold in SIDES.items():
+                runs[side].append(one_run(config, overrides, threshold))
+        row = {"config": config}
+        for side, results in runs.items():
+            row[side] = {"peak_gib": round(max(r["peak_gib"] for r in results), 2),
+                         "train_seconds": round(statistics.median(r["train_seconds"] for r in results), 1),
+                         "loss": results[-1]["loss"]}
+        old, new = row["glibc default"], row["fixed threshold"]
+        row["peak_ratio"] = round(new["peak_gib"] / old["peak_gib"], 3)
+        row["time_ratio"] = round(new["train_seconds"] / old["train_seconds"], 3)
+        table.append(row)
+    print(f"{'config':<34}{'side':<18}{'peak GiB':>10}{'train s':>10}{'last loss':>12}")
+    for row in table:
+        for side in SIDES:
+            r = row[side]
+            print(f"{row['config']:<34}{side:<18}{r['peak_gib']:>10.2f}{r['train_seconds']:>10.1f}{r['loss']:>12.4f}")
+        print(f"{'':<34}{'fixed / default':<18}{row['peak_ratio']:>10.3f}{row['time_ratio']:>10.3f}")
+    print(json.dumps(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
