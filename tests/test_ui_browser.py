@@ -4,7 +4,7 @@ folder holding a finished tiny sft run and a tiny classifier run. A screenshot o
 test's temp folder.
 
 Without chromium (or the playwright package) these tests are skipped on a developer's machine and fail under CI
-(CI=true), so CI can never pass without having run them.
+(CI=true), so CI can never pass without having run them (the `browser` fixture of conftest.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,32 +31,6 @@ WAIT_MS = 180_000
 more on a loaded one."""
 RUN_MS = 900_000
 """Longest wait for the tiny run started from the page (a fresh process importing torch, then a few steps)."""
-
-
-def _chromium() -> str | None:
-    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium, launched by Playwright from the system's executable."""
-    missing = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing = "the playwright package is not installed (pip install -c constraints.txt -e '.[dev]')"
-    if missing is None and _chromium() is None:
-        missing = "no chromium executable (apt-get install chromium, or `make browser`; or set CHROMIUM=path)"
-    if missing:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"browser tests cannot run under CI: {missing}")
-        pytest.skip(missing)
-    with sync_playwright() as p:
-        # --no-sandbox: Chromium's sandbox refuses to start as root (containers, CI)
-        chromium = p.chromium.launch(executable_path=_chromium(), headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
