@@ -18,9 +18,10 @@ folder holding llama.cpp's `llama-completion` and `llama-quantize` (default: $LL
    --kquant from the f32 file.
 4. `llama-completion` answers each prompt from each file: the prompt rendered through the run's chat template
    (ChatFormat.render, the text whose tokens tunesmith generates from) given raw (-no-cnv, --no-escape), special
-   tokens parsed, a BOS only if the GGUF says the tokenizer adds one; --temp 0 --top-k 1, repetition penalty
-   off, -n --max-new-tokens; it stops at an end-of-generation token (<|im_end|>, EOS). Its --verbose-prompt
-   token ids are compared with tunesmith's prompt ids, so a tokenizer mismatch shows as such.
+   tokens parsed, a BOS only if the GGUF says the tokenizer adds one (then the template's own is left out, so there
+   is one, as in tunesmith's prompt); --temp 0 --top-k 1, repetition penalty off, -n --max-new-tokens; it stops
+   at an end-of-generation token (<|im_end|>, EOS). Its --verbose-prompt token ids are compared with tunesmith's
+   prompt ids, so a tokenizer mismatch shows as such.
 
 Printed: per file its size, prompts tokenized identically, answers identical (text, trailing whitespace aside),
 the mean length of the common prefix of the two answers in characters next to the mean tunesmith answer length,
@@ -117,6 +118,9 @@ def main(argv=None) -> int:
     prompt_ids = [chat.encode_prompt(c) for c in conversations]
     assert all(tokenizer(p, add_special_tokens=False)["input_ids"] == ids for p, ids in zip(prompts, prompt_ids)), \
         "the rendered prompt does not tokenize to tunesmith's prompt ids"
+    if tokenizer.bos_token and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        # the GGUF says add_bos (gguf_vocab.write): llama.cpp puts BOS first itself, so a template's own goes
+        prompts = [p.removeprefix(tokenizer.bos_token) for p in prompts]
     print(f"tunesmith answering {len(prompts)} test prompts (greedy, max_new_tokens {args.max_new_tokens}) ...")
     ours = [tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).rstrip()
             for ids in tunesmith_answers(trained, conversations, args.max_new_tokens)]
