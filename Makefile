@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   install, then fine-tune MiniLM-L6 with LoRA on rotten tomatoes and print base vs tuned accuracy
 #   make test   install with test extras and the browser, then run the whole test suite
+# and, for maintainers, one more (not part of make test):
+#   make llama-cpp   build llama.cpp's llama-completion and llama-quantize for bench/gguf_llamacpp.py
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
@@ -12,7 +14,7 @@ TORCH    = torch==2.13.0
 # missing, as root or through sudo. Elsewhere, install chromium yourself or set CHROMIUM=/path/to/chrome.
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-dev demo test browser clean
+.PHONY: install install-dev demo test browser clean llama-cpp
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +37,24 @@ browser:
 
 test: $(VENV)/.installed browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# llama.cpp, to check GGUF exports with llama.cpp itself (bench/gguf_llamacpp.py), built from source: only package
+# registries are reachable from where tunesmith is developed (no release binaries), and the llama-cpp-python sdist
+# vendors llama.cpp's C/C++ source. The pin fixes the llama.cpp commit, so results can be compared. CPU only; only
+# the two tools the check needs, no HTTPS model downloads (LLAMA_OPENSSL=OFF). JOBS=1 when the machine is busy.
+LLAMA_CPP_PYTHON = 0.3.36
+LLAMA_DIR        = .cache/llama.cpp
+JOBS            ?= $(shell nproc)
+
+llama-cpp: $(LLAMA_DIR)/build/bin/llama-completion
+
+$(LLAMA_DIR)/build/bin/llama-completion:
+	$(PY) -m pip download -q --no-binary :all: --no-deps -d $(LLAMA_DIR) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar xzf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_DIR)
+	cmake -S $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_DIR)/build \
+	  -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
+	cmake --build $(LLAMA_DIR)/build -j $(JOBS) --target llama-completion llama-quantize
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

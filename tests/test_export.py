@@ -78,6 +78,31 @@ def test_gguf_permutes_q_and_k_like_llama_cpp():
         assert np.array_equal(back, w)
 
 
+def test_gguf_head_size_is_written_as_llama_cpp_reads_it(tmp_path):
+    """llama.cpp takes the head size from key_length, else hidden_size / heads, and refuses a file whose rotary
+    dimension differs ("invalid n_rot"); transformers' reader takes head_dim from the rotary dimension, so the
+    export's own read-back cannot notice a missing key_length. A head_dim of its own (16, not 32 / 4) is the case."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny import make_model_dir
+    from tunesmith.export import gguf
+
+    folder = make_model_dir(tmp_path / "m", "llama-bpe", head_dim=16)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    path = gguf.write(model, tokenizer, tmp_path / "m.gguf")
+    fields = {f.name: f.contents() for f in GGUFReader(path).fields.values()}
+    hidden, heads = fields["llama.embedding_length"], fields["llama.attention.head_count"]
+    head_size = fields.get("llama.attention.key_length", hidden // heads)  # llama.cpp's llama_model::load_hparams
+    assert head_size == fields["llama.rope.dimension_count"] == 16
+    assert fields.get("llama.attention.value_length", hidden // heads) == 16
+    loaded, _ = gguf.load(path)
+    ids = tokenizer("the plot", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-4)
+
+
 def test_unmergeable_and_unexportable_runs_are_refused(in_tmp, bpe_llama, text_dir, tiny_bert, sentiment_dir, capsys):
     run = train(in_tmp, bpe_llama, text_dir, "{kind: prompt, tokens: 4}", "p")
     capsys.readouterr()

@@ -81,6 +81,11 @@ def write(model, tokenizer, path: Path, quant: str = "f32", name: str = "tunesmi
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
+    # llama.cpp takes the head size from key_length/value_length, else hidden_size / heads, and refuses a file whose
+    # rotary dimension differs from it ("invalid n_rot"): written always, so a head_dim of its own (not hidden /
+    # heads) loads too. transformers' GGUF reader takes head_dim from the rotary dimension, so it cannot notice.
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
