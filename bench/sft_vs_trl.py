@@ -12,13 +12,16 @@ Same tokens: both tools train on the rows exactly as tunesmith renders them (the
 answer and its closing <|im_end|> are the targets, the prompt is masked; a row too long has its prompt
 shortened). trl receives them pre-tokenized, its documented path for processed data: `input_ids` plus a
 `completion_mask`, with completion_only_loss=True (trl 1.16's assistant_only_loss needs conversational rows
-and a template with generation markers, which SmolLM2's lacks). So the final training losses are directly
-comparable and tokens/s counts the same real (non-pad) tokens on both sides.
+and, for a template without generation markers such as SmolLM2's, swaps in a training template of trl's
+own: not the same rendering). So the final training losses are directly comparable and tokens/s counts the
+same real (non-pad) tokens on both sides.
 
 Batching: by default both pad each batch to its longest row and batch rows of similar length together
 (tunesmith's default; trl: train_sampling_strategy="group_by_length"). With --packing both pack rows into
 sequences of --max-length tokens with attention kept inside each row, 8 sequences per batch (tunesmith:
-objective.pack; trl: packing=True, whose default "bfd" strategy turns on padding_free).
+objective.pack; trl: packing=True, whose default "bfd" strategy turns on padding_free: its batch is then one
+row of all 8 sequences, which without flash attention's varlen kernels, as on the CPU, attends through one
+block-diagonal mask over the whole row).
 
 Each tool trains in its own fresh process; train seconds are the optimizer steps only (trl: trainer.train(),
 tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's includes its short
