@@ -8,7 +8,9 @@ The loss itself is objectives/distill.py; it receives the teacher built here. In
                   equal hidden sizes for the cosine term
   build_student   keep_layers: the teacher's embeddings, chosen blocks and head, saved once under the cache
   load_teacher    the teacher in eval mode, frozen, on the run's device (its adapter merged if it has one)
-  cache_outputs   `cache: true`: the teacher's logits on train, computed once, stored keyed by data + teacher
+  augmentation    `augment.copies`: masked copies of the train examples, made once (objectives/distill.py)
+  cache_outputs   `cache: true`: the teacher's logits on train (and its augmented copies), computed once, stored
+                  keyed by data + teacher
   side_by_side    test metric, parameters, size on disk and inference examples/s of both, measured in this run
   hard_label_run  `compare_hard_labels`: the same student trained on the labels alone, into <run>/hard-labels
 
@@ -172,6 +174,13 @@ def check(cfg, tokenizer, prepared, head: str) -> None:
     if d.cache and d.hidden_weight > 0:
         raise ConfigError("cache stores logits, not the hidden states the cosine term needs",
                           where="objective.distill.cache", hint="set cache: false or hidden_weight: 0")
+    if d.augment.copies and head != "sequence-classification":
+        raise ConfigError("augment makes masked copies of classification examples for the teacher to label; it is not "
+                          "available for a language model's token-level distillation",
+                          where="objective.distill.augment", hint="remove augment (or set augment.copies: 0)")
+    if d.augment.copies and d.alpha == 1:
+        raise ConfigError("augmented rows are learned from the teacher's soft targets alone, and alpha: 1 gives those "
+                          "no weight", where="objective.distill.augment", hint="set alpha below 1, or remove augment")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,39 +250,69 @@ def _logits_from_hidden(model) -> bool:
     return bool(torch.allclose(full, mine, atol=1e-3, rtol=1e-3))
 
 
-def cache_outputs(cfg, teacher, train_examples: list[dict], batch_size: int, pad_id: int, device) -> dict:
-    """`cache: true`: the teacher's logits for every train example, from disk when this data and teacher were seen
-    before; each example gets its row (`teacher_row`). Returns what happened, for the summary."""
-    from safetensors.torch import load_file, save_file
-
-    from .data.collate import collate
-    from .data.batches import eval_batches
+def augmentation(cfg, train_examples: list[dict], tokenizer):
+    """`augment.copies`: the augmented copies of the train examples, and each example's `teacher_row` (how the loss
+    finds its copies); None without augmentation."""
+    from .objectives.distill import Augmentation
 
     d = settings(cfg)
+    if d is None or not d.augment.copies:
+        return None
+    for i, ex in enumerate(train_examples):
+        ex["teacher_row"] = i
+    return Augmentation(d.augment, train_examples, tokenizer, cfg.train.seed)
+
+
+def _logits(teacher, examples: list[dict], batch_size: int, pad_id: int, device) -> torch.Tensor:
+    """The teacher's logits for these examples, in their order, batched by length."""
+    from .data.batches import eval_batches
+    from .data.collate import collate
+
+    logits = None
+    for idx in eval_batches([len(e["input_ids"]) for e in examples], batch_size):
+        batch = {k: v.to(device) for k, v in collate([{"input_ids": examples[i]["input_ids"]} for i in idx],
+                                                      pad_id).items()}
+        out = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
+        if logits is None:
+            logits = torch.empty(len(examples), out.size(-1))
+        logits[idx] = out
+    return logits
+
+
+def cache_outputs(cfg, teacher, train_examples: list[dict], batch_size: int, pad_id: int, device,
+                  augmented=None) -> dict:
+    """`cache: true`: the teacher's logits for every train example (and every augmented copy), from disk when this
+    data and teacher were seen before; each example gets its row (`teacher_row`). Returns what happened, for the
+    summary."""
+    from safetensors.torch import load_file, save_file
+
+    d = settings(cfg)
+    extra = augmented.flat() if augmented is not None else []
     h = hashlib.sha256(fingerprint(d.teacher).encode())
     for ex in train_examples:
         h.update(json.dumps(ex["input_ids"]).encode())
+    if extra:  # the copies themselves are hashed: seed, copies and mask_prob all change them
+        h.update(b"augmented")
+        for ex in extra:
+            h.update(json.dumps(ex["input_ids"]).encode())
     path = home() / "teacher-outputs" / f"{h.hexdigest()[:32]}.safetensors"
     tick = time.perf_counter()
     if path.exists():
-        logits, hit = load_file(path)["logits"], True
+        tensors, hit = load_file(path), True
     else:
-        logits = None
-        for idx in eval_batches([len(e["input_ids"]) for e in train_examples], batch_size):
-            batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in idx], pad_id).items()}
-            out = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
-            if logits is None:
-                logits = torch.empty(len(train_examples), out.size(-1))
-            logits[idx] = out
+        tensors = {"logits": _logits(teacher, train_examples, batch_size, pad_id, device)}
+        if extra:
+            tensors["augmented"] = _logits(teacher, extra, batch_size, pad_id, device)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"logits": logits.contiguous()}, tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         tmp.replace(path)
         hit = False
     for i, ex in enumerate(train_examples):
         ex["teacher_row"] = i
-    teacher.cached = logits
-    return {"file": str(path), "hit": hit, "seconds": round(time.perf_counter() - tick, 2)}
+    teacher.cached, teacher.cached_augmented = tensors["logits"], tensors.get("augmented")
+    return {"file": str(path), "hit": hit, "seconds": round(time.perf_counter() - tick, 2), "rows": len(train_examples),
+            "augmented_rows": len(extra)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +367,7 @@ def side_by_side(cfg, teacher, task, model, examples: list[dict], batch_size: in
                     "examples_per_s": s_speed},
         "speedup": round(s_speed / max(t_speed, 1e-9), 2),
         "settings": {"temperature": d.temperature, "alpha": d.alpha, "hidden_weight": d.hidden_weight,
-                     "keep_layers": d.keep_layers},
+                     "keep_layers": d.keep_layers, "augment": d.augment.model_dump()},
     }
     main = task.MAIN_METRIC
     if main in t_scores and t_scores[main]:

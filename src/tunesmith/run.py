@@ -331,9 +331,14 @@ def with_teacher(flow: Flow, dtype: torch.dtype):
     if settings is None:
         return None, None
     teacher = distilling.load_teacher(cfg, flow.objective.HEAD, acc.device, dtype)
-    cached = distilling.cache_outputs(cfg, teacher, flow.prepared.examples["train"], flow.eval_bs,
-                                      flow.tokenizer.pad_token_id, acc.device) if settings.cache else None
-    flow.objective = Distilled(flow.objective, teacher, settings)
+    train_rows = flow.prepared.examples["train"]
+    augmented = distilling.augmentation(cfg, train_rows, flow.tokenizer)
+    cached = distilling.cache_outputs(cfg, teacher, train_rows, flow.eval_bs, flow.tokenizer.pad_token_id,
+                                      acc.device, augmented) if settings.cache else None
+    if augmented is not None:
+        flow.say(f"augment: {augmented.copies} masked copies of each of the {len(train_rows)} train examples "
+                 f"(mask_prob {settings.augment.mask_prob}), learned from the teacher's soft targets alone")
+    flow.objective = Distilled(flow.objective, teacher, settings, augmented)
     return teacher, cached
 
 

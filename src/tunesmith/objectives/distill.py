@@ -14,12 +14,22 @@ hidden states are taken at the target tokens only, and their output layers run o
 checkpointed together, so the backward pass recomputes a chunk's logits and softmaxes instead of storing them
 for every token (objectives/lm.py). With `loss_chunk: 0` the student's logits exist once, in full.
 
+Augmented transfer set (classify, `augment.copies` > 0; Tang et al. 2019, TinyBERT's data augmentation): each
+train example gets `copies` perturbed versions of its tokenized input, made deterministically from (train.seed,
+row, copy): every token other than the tokenizer's special ones ([CLS], [SEP], ...) is, with probability
+`mask_prob`, replaced by the mask token (dropped when the tokenizer has none); padding is added only later, by
+collation. They have no label, so an augmented row's loss is the soft term alone, (1 - alpha) * T^2 * KL (no task
+loss, no cosine term). They ride along in the batch of their original: a batch of B train examples is trained as
+B originals + B * copies augmented rows, and the loss is the mean over all B * (1 + copies) rows. So the optimizer
+takes exactly the steps it takes without augmentation (same batches, same seed), as the hard-label twin does.
+
 This module never loads a model: the run layer builds the teacher (eval mode, no gradients, never saved with
 the student) and hands it to `Distilled`, which wraps the task objective and exposes the same functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal, Optional, Union
 
 import torch
@@ -27,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
-from ..data.collate import IGNORE_INDEX
+from ..data.collate import IGNORE_INDEX, collate
 from ..errors import ConfigError
 from ..schema import Section
 from .common import Loss
@@ -37,6 +47,15 @@ from .lm import LOSS_CHUNK, causal_inputs, causal_lm_logits, chunked_losses, hea
 METRICS = {"teacher_agreement": "max"}
 """What a distilled run reports besides its task's metrics: the share of units where the student's top-1
 prediction is the teacher's."""
+
+
+class AugmentConfig(Section):
+    copies: int = Field(0, ge=0, le=32)
+    """Perturbed copies of each train example, labelled by the teacher's soft outputs only, trained in the same batch
+    as their original (0: no augmentation). Classify only."""
+    mask_prob: float = Field(0.1, gt=0, le=1)
+    """Chance that each non-special token of a copy is replaced by the tokenizer's mask token (dropped when it has
+    none); [CLS], [SEP] and the other special tokens are kept, padding is never touched."""
 
 
 class DistillConfig(Section):
@@ -60,6 +79,9 @@ class DistillConfig(Section):
     compare_hard_labels: bool = False
     """Also train the same student on the labels alone (same train section, same seed), into <run>/hard-labels,
     and put it in the teacher / student table."""
+    augment: AugmentConfig = AugmentConfig()
+    """Classify: an augmented transfer set of masked copies of the train examples that only the teacher labels (its
+    soft targets: the KL term alone), added into each batch so the step count stays that of the hard-label twin."""
     chunk_tokens: int = Field(1024, ge=1)
     """Causal LMs: target tokens per chunk of the token-level KL (bounds the vocabulary-wide softmaxes held; the
     objective's loss_chunk, if smaller, bounds it too)."""
@@ -80,10 +102,12 @@ class Teacher:
     from_hidden  causal LMs: its logits are its output layer applied to its body's last hidden states (checked by
                the run layer on a short input), so they can be computed at chosen tokens only
     cached     classify with `cache`: train examples' logits by their `teacher_row`
+    cached_augmented  with `cache` and `augment`: augmented rows' logits, row * copies + copy
     """
 
     def __init__(self, model, head: str, from_hidden: bool = True, cached: torch.Tensor | None = None):
         self.model, self.head, self.from_hidden, self.cached = model, head, from_hidden, cached
+        self.cached_augmented: torch.Tensor | None = None
         model.eval()
         model.requires_grad_(False)
 
@@ -95,6 +119,13 @@ class Teacher:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          output_hidden_states=hidden)
         return out.logits.float(), (out.hidden_states[-1] if hidden else None)
+
+    @torch.no_grad()
+    def augmented(self, batch, keys: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of augmented rows (`keys`: row * copies + copy), from the cache when there is one."""
+        if self.cached_augmented is not None:
+            return self.cached_augmented.to(keys.device)[keys]
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
     @torch.no_grad()
     def body(self, batch) -> torch.Tensor:
@@ -112,6 +143,46 @@ class Teacher:
         if not self.from_hidden:
             return states.float()
         return self.model.get_output_embeddings()(states).float()
+
+
+def _stream(seed: int, row: int, copy: int) -> int:
+    """A generator seed of its own for each (seed, row, copy): the same copies whatever the batch order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{row}/{copy}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def augment_ids(ids: list[int], special: set[int], mask_id: int | None, mask_prob: float, seed: int, row: int,
+                copy: int) -> list[int]:
+    """One augmented copy of a tokenized (unpadded) input: each non-special token, with probability mask_prob, is
+    replaced by mask_id, or dropped when mask_id is None."""
+    draws = torch.rand(len(ids), generator=torch.Generator().manual_seed(_stream(seed, row, copy))).tolist()
+    out = []
+    for tok, u in zip(ids, draws):
+        if tok in special or u >= mask_prob:
+            out.append(tok)
+        elif mask_id is not None:
+            out.append(mask_id)
+    return out
+
+
+class Augmentation:
+    """The augmented copies of the train examples, `ids[row][copy]`, made once, before training; the loss finds an
+    example's copies by its `teacher_row`."""
+
+    def __init__(self, cfg: AugmentConfig, examples: list[dict], tokenizer, seed: int):
+        special = set(tokenizer.all_special_ids)
+        self.copies, self.pad_id = cfg.copies, tokenizer.pad_token_id
+        self.ids = [[augment_ids(ex["input_ids"], special, tokenizer.mask_token_id, cfg.mask_prob, seed, row, c)
+                     for c in range(cfg.copies)] for row, ex in enumerate(examples)]
+
+    def flat(self) -> list[dict]:
+        """Every augmented row as an example, in key order (row * copies + copy)."""
+        return [{"input_ids": ids} for copies in self.ids for ids in copies]
+
+    def batch(self, rows: list[int], device) -> tuple[dict, torch.Tensor]:
+        """The augmented rows of these train rows, collated, and their keys (row * copies + copy)."""
+        keys = [r * self.copies + c for r in rows for c in range(self.copies)]
+        batch = collate([{"input_ids": self.ids[r][c]} for r in rows for c in range(self.copies)], self.pad_id)
+        return {k: v.to(device) for k, v in batch.items()}, torch.tensor(keys, device=device)
 
 
 _AS_IS = torch.nn.Identity()
@@ -137,8 +208,8 @@ class Distilled:
     the student's top-1 prediction is the teacher's.
     """
 
-    def __init__(self, task, teacher: Teacher, cfg: DistillConfig):
-        self.task, self.teacher, self.cfg = task, teacher, cfg
+    def __init__(self, task, teacher: Teacher, cfg: DistillConfig, augmentation: Augmentation | None = None):
+        self.task, self.teacher, self.cfg, self.augmentation = task, teacher, cfg, augmentation
         self.HEAD = task.HEAD
         self.METRICS = {**task.METRICS, **METRICS}
         self.MAIN_METRIC = task.MAIN_METRIC
@@ -163,17 +234,28 @@ class Distilled:
                 mask = batch["attention_mask"].unsqueeze(-1).float()
                 per_token = 1 - F.cosine_similarity(out.hidden_states[-1].float(), t_hidden.float(), dim=-1)
                 cos = ((per_token * mask.squeeze(-1)).sum(-1) / mask.squeeze(-1).sum(-1).clamp(min=1)).sum()
+            labelled = count
+            if self.augmentation is not None and "teacher_row" in batch:  # train batches only
+                extra, n_extra = self._augmented_kl(model, batch["teacher_row"])
+                soft, count = soft + extra, count + n_extra  # the loop divides by count: the mean over all rows
         else:
             task, soft, cos, count = self._token_terms(model, batch, obj_cfg, hidden)
             if soft is None:
                 return Loss(task, count, {"task_loss": float(task.detach()) / max(1, int(count))})
+            labelled = count
         total = cfg.alpha * task + (1 - cfg.alpha) * cfg.temperature ** 2 * soft
-        n = max(1, int(count))
-        metrics = {"task_loss": float(task.detach()) / n, "kd_loss": float(soft.detach()) / n}
+        n, n_labelled = max(1, int(count)), max(1, int(labelled))
+        metrics = {"task_loss": float(task.detach()) / n_labelled, "kd_loss": float(soft.detach()) / n}
         if cos is not None:
             total = total + cfg.hidden_weight * cos
-            metrics["cosine_loss"] = float(cos.detach()) / n
+            metrics["cosine_loss"] = float(cos.detach()) / n_labelled
         return Loss(total, count, metrics)
+
+    def _augmented_kl(self, model, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed KL, row count) over the augmented copies of these train rows: their only loss term."""
+        aug_batch, keys = self.augmentation.batch(rows.tolist(), rows.device)
+        logits = model(input_ids=aug_batch["input_ids"], attention_mask=aug_batch["attention_mask"]).logits.float()
+        return kl_sum(self.teacher.augmented(aug_batch, keys), logits, self.cfg.temperature), len(keys)
 
     def _student_rows(self, model, batch, obj_cfg, mask, hidden: bool = False):
         """(model output, output layer, the student's rows at the target tokens `mask`, tokens per chunk): rows
