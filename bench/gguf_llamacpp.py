@@ -75,10 +75,11 @@ def llama_answer(binary: Path, model: Path, prompt: str, max_new_tokens: int, th
     out = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         raise SystemExit(f"{binary.name} failed on {model.name} (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    # --verbose-prompt logs "number of tokens in prompt = K", then K lines "   ID -> 'piece'" (a piece may span lines)
+    # --verbose-prompt logs "number of tokens in prompt = K", then K lines "   ID -> 'piece'" (a piece may span lines),
+    # each line after a log prefix such as "0.01.109.531 I " in this version
     count = int(re.search(r"number of tokens in prompt = (\d+)", out.stderr).group(1))
     after = out.stderr[out.stderr.index("number of tokens in prompt"):]
-    ids = [int(m) for m in re.findall(r"^\s*(\d+) -> '", after, flags=re.M)[:count]]
+    ids = [int(m) for m in re.findall(r"^(?:[\d.]+ [A-Z] )?\s*(\d+) -> '", after, flags=re.M)[:count]]
     text = out.stdout.rstrip()
     text = text.removesuffix("[end of text]").rstrip()  # printed after an end-of-generation token
     return text, ids
