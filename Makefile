@@ -42,6 +42,8 @@ test: $(VENV)/.installed browser
 # registries are reachable from where tunesmith is developed (no release binaries), and the llama-cpp-python sdist
 # vendors llama.cpp's C/C++ source. The pin fixes the llama.cpp commit, so results can be compared. CPU only; only
 # the two tools the check needs, no HTTPS model downloads (LLAMA_OPENSSL=OFF). JOBS=1 when the machine is busy.
+# Built for AVX2, not -march=native: a CPU that advertises AMX where the kernel does not grant it (containers,
+# sandboxes) gets native builds that die with SIGILL on every quantized type (f32 alone runs).
 LLAMA_CPP_PYTHON = 0.3.36
 LLAMA_DIR        = .cache/llama.cpp
 JOBS            ?= $(shell nproc)
@@ -53,7 +55,8 @@ $(LLAMA_DIR)/build/bin/llama-completion:
 	tar xzf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_DIR)
 	cmake -S $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_DIR)/build \
 	  -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-	  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF
+	  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+	  -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 	cmake --build $(LLAMA_DIR)/build -j $(JOBS) --target llama-completion llama-quantize
 
 clean:
