@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .allocator import fix_mmap_threshold
 
-    fix_mmap_threshold()  # before any tensor exists: freed activations go back to the system (allocator.py)
+    fix_mmap_threshold()  # before any tensor exists, when TUNESMITH_MMAP_THRESHOLD asks (allocator.py)
     quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TUNESMITH_DEBUG", "") not in ("", "0")
