@@ -169,10 +169,11 @@ eval: {{forgetting: {{enabled: false}}}}
     assert not (in_tmp / "runs" / "d").exists() and not (in_tmp / "runs" / "c").exists()
 
 
-def test_augmented_run_with_cache_end_to_end(in_tmp, tmp_path, sentiment_dir, tiny_bert, capsys):
+def test_augmented_run_with_cache_end_to_end(in_tmp, tmp_path, sentiment_dir, tiny_bert, capsys, monkeypatch):
     """One epoch of a student distilled with 2 copies per example, teacher outputs cached: both the distilled
     student and its hard-label twin take one step per batch of 16 original train rows, and the twin's run has
     no teacher and no copies. The cache holds the copies' logits, and a second run reads them back."""
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))  # a teacher-output cache of its own: the first run misses
     teacher = _classifier_teacher(tmp_path / "teacher", tiny_bert)
     cfg = write_config(in_tmp / "s.yaml", f"""\
 name: student
