@@ -1,11 +1,11 @@
-"""Peak memory and training speed with glibc's default malloc vs the fixed mmap threshold the command sets.
+"""Peak memory and training speed with glibc's default malloc vs the fixed mmap threshold the command sets when asked.
 
     python bench/allocator.py [--config examples/X.yaml ...] [--steps 4] [--repeats 2] [--set key=value ...]
 
 For each config, short runs of `tunesmith train CONFIG train.max_steps=--steps` (no evaluation inside the loop, no
 base scoring, forgetting probe or generation) alternate between TUNESMITH_MMAP_THRESHOLD=0 (glibc's default:
-the threshold rises with every large block freed, src/tunesmith/allocator.py) and the default fixed threshold,
---repeats times each, every run in a fresh process. Printed per config: the peak RSS of each side (the child's
+the threshold rises with every large block freed, src/tunesmith/allocator.py) and a 1 MiB fixed threshold
+(TUNESMITH_MMAP_THRESHOLD=1048576, off by default), --repeats times each, every run in a fresh process. Printed per config: the peak RSS of each side (the child's
 ru_maxrss), its training seconds (summary.json's train.train_seconds, the median over repeats), the ratios, and
 the final training loss of both (they must match: the allocator changes where memory lives, not the numbers).
 
@@ -18,13 +18,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from plan_vs_measured import measured  # run as `python bench/allocator.py`: bench/ is on the path
+
 DEFAULT_CONFIGS = ["examples/sft-alpaca-lora.yaml", "examples/sentiment-lora.yaml"]
-SIDES = {"glibc default": "0", "fixed threshold": ""}
+SIDES = {"glibc default": "0", "fixed threshold": str(1 << 20)}  # TUNESMITH_MMAP_THRESHOLD of each side
 
 
 def short_run(steps: int) -> list[str]:
@@ -35,21 +36,13 @@ def short_run(steps: int) -> list[str]:
 
 def one_run(config: str, overrides: list[str], threshold: str) -> dict:
     """Peak RSS (GiB), training seconds and last logged loss of one fresh `tunesmith train` process."""
-    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if r.returncode == 0 else -1)")
     env = {**os.environ, "TUNESMITH_MMAP_THRESHOLD": threshold}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-c", code, sys.executable, "-m", "tunesmith", "train", config, *overrides,
-               f"output.dir={tmp}", "--force"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "-1"
-        if int(last) < 0:
-            raise SystemExit(f"{config}: the run failed:\n{out.stderr[-2000:]}")
+        peak = measured(config, [*overrides, f"output.dir={tmp}", "--force"], env)
         summary = json.loads(next(Path(tmp).glob("*/summary.json")).read_text())
         losses = [json.loads(line)["loss"] for line in next(Path(tmp).glob("*/metrics.jsonl")).read_text().splitlines()
                   if '"loss"' in line and '"split"' not in line]
-    return {"peak_gib": int(last) / 2**20, "train_seconds": summary["train"]["train_seconds"],
-            "loss": losses[-1] if losses else None}
+    return {"peak_gib": peak, "train_seconds": summary["train"]["train_seconds"], "loss": losses[-1] if losses else None}
 
 
 def main(argv=None) -> int:

@@ -31,12 +31,12 @@ def short_run(steps: int, eval_rows: int, out: str) -> list[str]:
             f"eval.generate.prompts={eval_rows}", f"output.dir={out}"]
 
 
-def measured(config: str, overrides: list[str]) -> float:
+def measured(config: str, overrides: list[str], env: dict | None = None) -> float:
     """Peak RSS in GiB of `tunesmith train` in a child of a fresh process (so the children's maxrss is its own)."""
     code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if r.returncode == 0 else -1)")
     cmd = [sys.executable, "-c", code, sys.executable, "-m", "tunesmith", "train", config, *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "-1"
     if int(last) < 0:
         raise SystemExit(f"{config}: the run failed:\n{out.stderr[-2000:]}")

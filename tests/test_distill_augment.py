@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from test_distill import bert_pair  # noqa: F401 (a fixture: the same tiny teacher and student)
 from tiny import make_model_dir, sentiment_texts, write_config
 from tunesmith.config import load_config
 from tunesmith.data.collate import collate
@@ -84,14 +85,10 @@ def test_without_a_mask_token_masked_tokens_are_dropped():
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    t = AutoModelForSequenceClassification.from_pretrained(make_model_dir(root / "t", "bert", seed=1), num_labels=3)
-    s = AutoModelForSequenceClassification.from_pretrained(make_model_dir(root / "s", "bert", seed=2), num_labels=3)
-    with torch.no_grad():  # random tiny heads give near-uniform outputs; sharpen them so the KL is far from 0
-        t.classifier.weight.mul_(300)
-        s.classifier.weight.mul_(200)
-    return t.eval(), s.eval()
+def pair(bert_pair):
+    """test_distill's tiny teacher and student (their sharpened heads keep the KL far from 0), without its batch."""
+    teacher, student, _ = bert_pair
+    return teacher, student
 
 
 @pytest.mark.parametrize("cached", [False, True])
