@@ -246,6 +246,17 @@ def flatten(data, prefix: str = "") -> dict:
     return {prefix[:-1]: data}
 
 
+def _same_setting(old, new) -> bool:
+    """Equal values, or two spellings of one existing path (a run started as `runs/x` and resumed from
+    another folder, or a stage reference saved absolute and given relative)."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and new:
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
+
+
 def check_resume(run_dir: Path, cfg) -> None:
     """`--resume` continues the run it finds only with the same model, data and training: refuse (naming the
     keys) a config that changes any of them."""
@@ -265,7 +276,7 @@ def check_resume(run_dir: Path, cfg) -> None:
                              hint="start over with --force instead of --resume")
     old, new = flatten(saved), flatten(yaml.safe_load(dump(cfg)))
     changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+                     if not _same_setting(old.get(k), new.get(k)) and not k.startswith(RESUME_MAY_CHANGE))
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:8])
         more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
