@@ -206,3 +206,27 @@ def test_early_stopping_restores_the_later_of_two_tied_evaluations_when_its_loss
     assert summary["validation"]["loss"] == pytest.approx(seen[1]["loss"], rel=1e-6)
     assert seen[1]["loss"] != pytest.approx(seen[0]["loss"], rel=1e-6)
     assert seen[1]["loss"] != pytest.approx(seen[3]["loss"], rel=1e-6)
+
+
+def test_patience_running_out_at_the_last_evaluation_is_not_an_early_stop(in_tmp, tiny_bert, sentiment_dir,
+                                                                         monkeypatch, capsys):
+    """The last of 16 steps is the second evaluation without improvement (patience 2): every step was trained,
+    so the run says so instead of "stopped early at step 16 of 16"."""
+    import tunesmith.train.loop as loop
+
+    real = loop.evaluate
+    script = iter([(0.50, 0.5), (0.70, 0.5), (0.60, 0.5), (0.65, 0.5)])  # (accuracy, loss)
+
+    def scripted(model, *args, **kwargs):
+        accuracy, loss = next(script)
+        return {**real(model, *args, **kwargs), "accuracy": accuracy, "loss": loss}
+
+    monkeypatch.setattr(loop, "evaluate", scripted)
+    cfg = classify_config(in_tmp / "c.yaml", tiny_bert, sentiment_dir)
+    assert main(["train", str(cfg), "train.max_steps=16", "train.eval_every=4",
+                 "train.early_stopping={metric: accuracy, patience: 2}"]) == 0
+    summary = read(in_tmp / "runs" / "tiny")
+    assert summary["train"]["steps"] == 16 and not summary["train"]["stopped_early"]
+    assert summary["train"]["best_step"] == 8 and summary["train"]["restored_best"]
+    out = capsys.readouterr().out
+    assert "ran all 16 steps" in out and "stopped early" not in out

@@ -284,6 +284,8 @@ def _evaluate_when_due(run: Fit, n_windows: int) -> bool:
     if run.use_val and state.step == run.total and run.last_eval_step != state.step:
         state.stopped_early = _evaluate(run) or state.stopped_early
         evaluated = True
+    if state.step >= run.total:
+        state.stopped_early = False  # patience running out at the last evaluation cut nothing short
     return evaluated
 
 
