@@ -2,7 +2,8 @@
 
     python bench/dpo_vs_trl.py [--rows 128] [--eval-rows 30] [--max-length 128]
 
-The settings of examples/dpo-lora.yaml on both sides: SmolLM2-135M-Instruct sample, LoRA r=16, alpha 32,
+The settings of examples/dpo-lora.yaml on both sides, except gradient checkpointing (off on both sides; the example
+turns it on): SmolLM2-135M-Instruct sample, LoRA r=16, alpha 32,
 dropout 0.05 on all linear layers, sigmoid DPO loss with beta 0.1, the reference being the same model with the
 adapter switched off and its log-probs precomputed once before training (tunesmith: precompute_ref: true;
 trl: precompute_ref_log_probs=True; on both sides outside the timed training), batch 8 pairs, lr 5e-4 with
