@@ -284,8 +284,6 @@ def _evaluate_when_due(run: Fit, n_windows: int) -> bool:
     if run.use_val and state.step == run.total and run.last_eval_step != state.step:
         state.stopped_early = _evaluate(run) or state.stopped_early
         evaluated = True
-    if state.step >= run.total:
-        state.stopped_early = False  # patience running out at the last evaluation cut nothing short
     return evaluated
 
 
@@ -344,7 +342,7 @@ def _summary(run: Fit, restored: bool) -> dict:
         "steps": state.step,
         "total_steps": run.total,
         "epochs": round(state.step / run.steps_per_epoch, 3),
-        "stopped_early": state.stopped_early,
+        "stopped_early": state.stopped_early and state.step < run.total,  # patience out at the last step cut nothing
         "halted": state.halted,
         "best_step": state.best_step,
         "best_metric": {run.watch: state.best} if state.best is not None else None,
