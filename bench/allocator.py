@@ -1,11 +1,12 @@
-"""Peak memory and training speed with glibc's default malloc vs the fixed mmap threshold the command sets when asked.
+"""Peak memory and training speed with glibc's default malloc, the fixed mmap threshold the command sets when asked, and jemalloc.
 
     python bench/allocator.py [--config examples/X.yaml ...] [--steps 4] [--repeats 2] [--set key=value ...]
 
 For each config, short runs of `tunesmith train CONFIG train.max_steps=--steps` (no evaluation inside the loop, no
 base scoring, forgetting probe or generation) alternate between TUNESMITH_MMAP_THRESHOLD=0 (glibc's default:
 the threshold rises with every large block freed, src/tunesmith/allocator.py) and a 1 MiB fixed threshold
-(TUNESMITH_MMAP_THRESHOLD=1048576, off by default), --repeats times each, every run in a fresh process. Printed per config: the peak RSS of each side (the child's
+(TUNESMITH_MMAP_THRESHOLD=1048576, off by default) and, when its library is installed (Debian: libjemalloc2),
+jemalloc preloaded (LD_PRELOAD, glibc's threshold left alone), --repeats times each, every run in a fresh process. Printed per config: the peak RSS of each side (the child's
 ru_maxrss), its training seconds (summary.json's train.train_seconds, the median over repeats), the ratios, and
 the final training loss of both (they must match: the allocator changes where memory lives, not the numbers).
 
@@ -25,7 +26,14 @@ from pathlib import Path
 from plan_vs_measured import measured  # run as `python bench/allocator.py`: bench/ is on the path
 
 DEFAULT_CONFIGS = ["examples/sft-alpaca-lora.yaml", "examples/sentiment-lora.yaml"]
-SIDES = {"glibc default": "0", "fixed threshold": str(1 << 20)}  # TUNESMITH_MMAP_THRESHOLD of each side
+JEMALLOC = next((str(p) for p in (Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+                                   Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")) if p.exists()), None)
+SIDES = {"glibc default": {"TUNESMITH_MMAP_THRESHOLD": "0"},  # the environment of each side
+         "fixed threshold": {"TUNESMITH_MMAP_THRESHOLD": str(1 << 20)},
+         # the fixed threshold with glibc's transparent huge pages for its mappings (glibc 2.35+, THP on "madvise"
+         # or "always"): one fault per 2 MiB instead of per 4 KiB page
+         "fixed, huge pages": {"TUNESMITH_MMAP_THRESHOLD": str(1 << 20), "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+         **({"jemalloc": {"TUNESMITH_MMAP_THRESHOLD": "0", "LD_PRELOAD": JEMALLOC}} if JEMALLOC else {})}
 
 
 def short_run(steps: int) -> list[str]:
@@ -34,9 +42,9 @@ def short_run(steps: int) -> list[str]:
             "eval.generate.prompts=0"]
 
 
-def one_run(config: str, overrides: list[str], threshold: str) -> dict:
+def one_run(config: str, overrides: list[str], side_env: dict) -> dict:
     """Peak RSS (GiB), training seconds and last logged loss of one fresh `tunesmith train` process."""
-    env = {**os.environ, "TUNESMITH_MMAP_THRESHOLD": threshold}
+    env = {**os.environ, **side_env}
     with tempfile.TemporaryDirectory() as tmp:
         peak = measured(config, [*overrides, f"output.dir={tmp}", "--force"], env)
         summary = json.loads(next(Path(tmp).glob("*/summary.json")).read_text())
@@ -51,29 +59,34 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
+                    help="which allocators to run (glibc's default is always run: the ratios are to it)")
     args = ap.parse_args(argv)
+    sides = {name: env for name, env in SIDES.items() if name == "glibc default" or name in args.sides}
     table = []
     for config in args.config or DEFAULT_CONFIGS:
         overrides = short_run(args.steps) + args.overrides
-        runs = {side: [] for side in SIDES}
+        runs = {side: [] for side in sides}
         for _ in range(args.repeats):
-            for side, threshold in SIDES.items():
-                runs[side].append(one_run(config, overrides, threshold))
+            for side, side_env in sides.items():
+                runs[side].append(one_run(config, overrides, side_env))
         row = {"config": config}
         for side, results in runs.items():
             row[side] = {"peak_gib": round(max(r["peak_gib"] for r in results), 2),
                          "train_seconds": round(statistics.median(r["train_seconds"] for r in results), 1),
                          "loss": results[-1]["loss"]}
-        old, new = row["glibc default"], row["fixed threshold"]
-        row["peak_ratio"] = round(new["peak_gib"] / old["peak_gib"], 3)
-        row["time_ratio"] = round(new["train_seconds"] / old["train_seconds"], 3)
+        old = row["glibc default"]
+        row["ratios"] = {side: {"peak": round(row[side]["peak_gib"] / old["peak_gib"], 3),
+                                "time": round(row[side]["train_seconds"] / old["train_seconds"], 3)}
+                         for side in sides if side != "glibc default"}
         table.append(row)
     print(f"{'config':<34}{'side':<18}{'peak GiB':>10}{'train s':>10}{'last loss':>12}")
     for row in table:
-        for side in SIDES:
+        for side in sides:
             r = row[side]
             print(f"{row['config']:<34}{side:<18}{r['peak_gib']:>10.2f}{r['train_seconds']:>10.1f}{r['loss']:>12.4f}")
-        print(f"{'':<34}{'fixed / default':<18}{row['peak_ratio']:>10.3f}{row['time_ratio']:>10.3f}")
+        for side, ratio in row["ratios"].items():
+            print(f"{'':<34}{side[:10] + ' / glibc':<18}{ratio['peak']:>10.3f}{ratio['time']:>10.3f}")
     print(json.dumps(table))
     return 0
 

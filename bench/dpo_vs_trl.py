@@ -21,11 +21,12 @@ long is cut at the right (tunesmith cuts the prompt first). The table prints eac
 Each tool trains in its own fresh process; train seconds are the optimizer steps only (trl:
 trainer.train(), tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's
 includes its short end-of-run evaluation, without gradients). The final loss is the mean training loss of
-the last 10% of steps (at least one). Then each trained adapter is scored in a third fresh process by one
+the last 10% of steps (at least one), the mean loss that of every step; each tool's per-step losses are
+printed too (the batches differ: each tool groups pairs by length in its own order). Then each trained adapter is scored in a third fresh process by one
 function of this script, on the first --eval-rows test pairs as tunesmith encodes them: the implicit reward
 margin beta * ((logp_c - ref_c) - (logp_r - ref_r)) of each pair, logp summed over answer tokens, the
 reference being the adapter switched off; accuracy is the share of pairs with a positive margin (a tie
-counts half).
+counts half), test loss the mean sigmoid DPO loss -log sigmoid(margin).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ TRL = COMMON + textwrap.dedent("""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
     print("RESULT" + json.dumps({"train_seconds": seconds, "pairs": len(ds), "answer_tokens": answers,
                                  "steps": trainer.state.global_step, "final_loss": last_losses(losses),
+                                 "mean_loss": sum(losses) / len(losses), "losses": losses,
                                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
@@ -135,6 +137,7 @@ TUNESMITH = COMMON + textwrap.dedent("""
     print("RESULT" + json.dumps({"train_seconds": summary["train"]["train_seconds"], "pairs": len(examples),
                                  "answer_tokens": answer_tokens(examples), "steps": summary["train"]["steps"],
                                  "final_loss": last_losses(losses),
+                                 "mean_loss": sum(losses) / len(losses), "losses": losses,
                                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
@@ -166,8 +169,9 @@ SCORE = COMMON + textwrap.dedent("""
                 ref = [logps(*s) for s in sides]
             margins += (BETA * ((policy[0] - ref[0]) - (policy[1] - ref[1]))).tolist()
     accuracy = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+    loss = -torch.nn.functional.logsigmoid(torch.tensor(margins)).mean().item()  # the sigmoid DPO loss, held out
     print("RESULT" + json.dumps({"reward_accuracy": accuracy, "reward_margin": sum(margins) / len(margins),
-                                 "test_pairs": len(margins)}))
+                                 "test_loss": loss, "test_pairs": len(margins)}))
 """)
 
 
@@ -212,11 +216,13 @@ def main() -> None:
           f"{args.max_length}, reference log-probs precomputed, fp32, {os.cpu_count()} CPU threads; "
           f"held-out on {ours['test_pairs']} test pairs")
     print(f"{'tool':<16}{'steps':>6}{'answer tok':>11}{'train s':>9}{'pairs/s':>9}{'peak GiB':>10}{'final loss':>12}"
-          f"{'test acc':>10}{'margin':>9}")
+          f"{'mean loss':>11}{'test loss':>11}{'test acc':>10}{'margin':>9}")
     for name, r in results.items():
         print(f"{name:<16}{r['steps']:>6}{r['answer_tokens']:>11,d}{r['train_seconds']:>9.1f}"
               f"{r['pairs'] / r['train_seconds']:>9.2f}{r['peak_rss_mb'] / 1024:>10.2f}{r['final_loss']:>12.4f}"
-              f"{r['reward_accuracy']:>10.3f}{r['reward_margin']:>9.4f}")
+              f"{r['mean_loss']:>11.4f}{r['test_loss']:>11.4f}{r['reward_accuracy']:>10.3f}{r['reward_margin']:>9.4f}")
+    for name, r in results.items():  # step by step: the batches differ (each tool's own length-grouped order)
+        print(f"{name} losses by step: " + " ".join(f"{x:.3f}" for x in r["losses"]))
     print(f"tunesmith / trl: pairs/s x{trl['train_seconds'] / ours['train_seconds']:.2f}, "
           f"peak memory x{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}, "
           f"test accuracy {ours['reward_accuracy'] - trl['reward_accuracy']:+.3f}")

@@ -4,10 +4,17 @@
 
 Same model, data, seed and settings; the only difference is `tuning.cache_features`. Each run is a whole
 `tunesmith train` in its own process: base scores on validation and test, `--epochs` epochs with a
-validation pass after each, tuned scores. With the cache the frozen body runs once per distinct example
-(train, validation and test) and every later pass reads its output; without it the body runs every time.
-Prints both runs' times (training alone, and the whole run), the ratios, and the test metrics side by
-side: the cache must change the time, not the numbers.
+validation pass after each, tuned scores. Three runs:
+
+- no cache (`cache_features: false`): the frozen body runs in every pass;
+- cache (`true`, in memory): the body runs once per distinct example (train, validation and test) and every
+  later pass reads its output; the first epoch still pays for the body once;
+- cache from disk (`disk`, a second run after a first one that wrote the file, as a sweep's later trial or a
+  rerun at another lr would be): no example runs the body at all.
+
+Prints the runs' times (training alone, and the whole run), the ratios to the uncached run, and the metrics
+side by side: the cache must change the time, not the numbers. The disk runs use a temporary
+TUNESMITH_HOME/feature-cache (samples are still read from the real one).
 """
 
 from __future__ import annotations
@@ -33,15 +40,22 @@ output: {{dir: {out}}}
 """
 
 
-def run(cache: bool, args, tmp: Path) -> dict:
-    name = "cached" if cache else "uncached"
+def run(name: str, cache: str, args, tmp: Path) -> dict:
     cfg = tmp / f"{name}.yaml"
     rows = f", max_rows: {{train: {args.rows}}}" if args.rows else ""
-    cfg.write_text(CONFIG.format(name=name, model=args.model, data=args.data, rows=rows, cache=str(cache).lower(),
+    cfg.write_text(CONFIG.format(name=name, model=args.model, data=args.data, rows=rows, cache=cache,
                                  epochs=args.epochs, out=tmp / "runs"))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if cache == "disk":  # a fresh cache folder: the first disk run computes, the second reads
+        env["TUNESMITH_HOME"] = str(tmp / "home")
+        (tmp / "home").mkdir(exist_ok=True)
+        real = Path(os.environ.get("TUNESMITH_HOME") or Path.home() / ".cache" / "tunesmith").expanduser()
+        for sub in ("samples", "downloads"):
+            if (real / sub).exists() and not (tmp / "home" / sub).exists():
+                (tmp / "home" / sub).symlink_to(real / sub)
     tick = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(cfg)], capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+                          env=env)
     seconds = time.perf_counter() - tick
     if proc.returncode != 0:
         sys.exit(f"the {name} run failed:\n{proc.stderr[-3000:] or proc.stdout[-3000:]}")
@@ -59,21 +73,26 @@ def main() -> None:
     parser.add_argument("--data", default="sample:rotten-tomatoes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        plain = run(False, args, Path(tmp))
-        cached = run(True, args, Path(tmp))
+        runs = {"no cache": run("uncached", "false", args, Path(tmp)),
+                "cache": run("cached", "true", args, Path(tmp))}
+        run("disk-first", "disk", args, Path(tmp))  # writes the file
+        runs["cache from disk"] = run("disk-second", "disk", args, Path(tmp))
 
+    plain = runs["no cache"]
     print(f"\nfreeze (head only), {args.epochs:g} epochs, {args.model} on {args.data}")
-    print(f"{'':<26}{'no cache':>12}{'cache':>12}{'ratio':>10}")
+    print(f"{'':<22}" + "".join(f"{name:>17}" for name in runs) + "".join(f"{'x ' + n:>17}" for n in list(runs)[1:]))
     for key, label in (("train_seconds", "train seconds"), ("run_seconds", "whole run seconds"),
                        ("process_seconds", "process seconds")):
-        print(f"{label:<26}{plain[key]:>12.1f}{cached[key]:>12.1f}{plain[key] / max(cached[key], 1e-9):>9.2f}x")
-    print(f"{'peak memory MB':<26}{plain['peak_memory_mb']:>12.0f}{cached['peak_memory_mb']:>12.0f}")
+        ratios = [plain[key] / max(r[key], 1e-9) for r in list(runs.values())[1:]]
+        print(f"{label:<22}" + "".join(f"{r[key]:>17.1f}" for r in runs.values())
+              + "".join(f"{x:>16.2f}x" for x in ratios))
+    print(f"{'peak memory MB':<22}" + "".join(f"{r['peak_memory_mb']:>17.0f}" for r in runs.values()))
     same = True
     for split in ("validation", "test"):
         for metric, value in plain[split].items():
-            other = cached[split].get(metric, float("nan"))
-            same &= abs(value - other) <= 1e-4
-            print(f"{split + ' ' + metric:<26}{value:>12.4f}{other:>12.4f}")
+            others = [r[split].get(metric, float("nan")) for r in list(runs.values())[1:]]
+            same &= all(abs(value - o) <= 1e-4 for o in others)
+            print(f"{split + ' ' + metric:<22}{value:>17.4f}" + "".join(f"{o:>17.4f}" for o in others))
     print("metrics identical (to 1e-4): " + ("yes" if same else "NO"))
 
 

@@ -77,6 +77,38 @@ def test_alpha_one_is_the_plain_task_loss(bert_pair):
     assert torch.equal(got.total, plain.total) and got.count == plain.count
 
 
+@pytest.mark.parametrize("layers", ["last", "matched"])
+def test_classify_cosine_term_is_the_formula(tmp_path, layers):
+    """hidden_weight adds the mean over real tokens of 1 - cos; `matched` pairs student block j with the teacher's
+    output after block keep[j + 1] - 1 (keep [0, 2] of 4 blocks: student 1 <-> teacher 2, student 2 <-> teacher 4)."""
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        make_model_dir(tmp_path / "t", "bert", seed=1, num_hidden_layers=4), num_labels=2).eval()
+    student = keep_blocks(teacher, [0, 2])
+    with torch.no_grad():  # a student that no longer equals the teacher's blocks
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(5, 40, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    batch = {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+    cfg = DistillConfig(teacher="x", alpha=1.0, hidden_weight=0.7, hidden_layers=layers, keep_layers=[0, 2])
+    got = Distilled(OBJECTIVES["classify"], Teacher(teacher, "sequence-classification"), cfg).loss(student, batch, None)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
+    pairs = [(-1, -1)] if layers == "last" else [(1, 2), (2, 4)]
+
+    def cos_term(a, b):
+        per = 1 - F.cosine_similarity(a, b, dim=-1)
+        return sum(per[i, :int(mask[i].sum())].mean() for i in range(3))
+
+    want_cos = sum(cos_term(s.hidden_states[i], t.hidden_states[j]) for i, j in pairs) / len(pairs)
+    task = F.cross_entropy(s.logits, batch["labels"], reduction="sum")
+    assert got.metrics["cosine_loss"] == pytest.approx(float(want_cos) / 3, rel=1e-5)
+    assert torch.allclose(got.total, task + 0.7 * want_cos, rtol=1e-5)
+
+
 def test_causal_loss_is_token_level_over_answer_tokens_only(tmp_path):
     """sft: the KL runs over the answer tokens (labels not IGNORE_INDEX), per target token, in chunks; the result
     equals the formula computed from both models' full logits, and so does its gradient."""

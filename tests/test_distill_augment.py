@@ -163,6 +163,11 @@ eval: {{forgetting: {{enabled: false}}}}
 """)
     with pytest.raises(ConfigError, match=r"^objective\.distill\.augment: augmented rows are learned"):
         train(load_config(cfg))
+    # matched hidden layers pair student blocks with the teacher blocks they replace: a named student has none
+    cfg.write_text(cfg.read_text().replace("alpha: 1.0, augment: {copies: 1}",
+                                           "hidden_weight: 1.0, hidden_layers: matched"))
+    with pytest.raises(ConfigError, match=r"^objective\.distill\.hidden_layers: hidden_layers: matched pairs"):
+        train(load_config(cfg))
     assert not (in_tmp / "runs" / "d").exists() and not (in_tmp / "runs" / "c").exists()
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from tunesmith.cli import main
 from tunesmith.models.anatomy import blocks
-from tunesmith.tuning import freeze
+from tunesmith.tuning import feature_cache, freeze
 from tiny import classify_config, cli
 from test_resume import KILLER
 
@@ -139,3 +139,55 @@ def test_lookups_match_across_batches_and_copies_run_uncached(tiny_bert):
     copied = copy.deepcopy(model)
     assert not copied.feature_cache.enabled and len(copied.feature_cache) == 0
     assert len(model.feature_cache) == 4
+
+
+def test_disk_cache_serves_a_later_run_without_running_the_frozen_blocks(in_tmp, tiny_bert, sentiment_dir,
+                                                                        monkeypatch, capsys):
+    monkeypatch.setenv("TUNESMITH_HOME", str(in_tmp / "home"))
+    rows, caches = [], []
+    real = freeze.speed_up
+
+    def counted(cfg, model):
+        said = real(cfg, model)
+        caches.append(getattr(model, "feature_cache", None))
+        blocks(model)[1][0].attention.register_forward_hook(lambda m, a, out: rows.append(a[0].size(0)))
+        return said
+
+    monkeypatch.setattr(freeze, "speed_up", counted)
+    cfg = _config(in_tmp, tiny_bert, sentiment_dir, "{kind: freeze, cache_features: disk}")
+    assert main(["train", str(cfg), "name=first"]) == 0
+    out = capsys.readouterr().out
+    (file,) = (in_tmp / "home" / "feature-cache").glob("*.safetensors")
+    assert f"kept in {file}" in out and f"written to {file}" in out
+    first_rows = sum(rows)
+    assert first_rows == caches[0].computed == len(caches[0]) > 192
+    rows.clear()
+    # another learning rate: the frozen part is the same, so every example is read from the file
+    assert main(["train", str(cfg), "name=second", "train.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(caches[0]):,} examples' outputs read from {file}" in out and "written to" not in out
+    assert sum(rows) == 0 and caches[1].computed == 0 and caches[1].looked_up > 0
+    assert main(["train", str(cfg), "name=plain", "train.lr=1e-3", "tuning.cache_features=false"]) == 0
+    (sa, wa), (sb, wb) = _run(in_tmp, "second"), _run(in_tmp, "plain")
+    assert sa["test"] == pytest.approx(sb["test"], abs=1e-5)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_disk_cache_file_is_per_frozen_part_and_a_broken_one_is_replaced(in_tmp, tiny_bert):
+    model, _ = _tiny_classifier(tiny_bert)
+    other, _ = _tiny_classifier(tiny_bert, train_last=1)  # one block fewer frozen: other outputs
+    frozen = freeze.frozen_part(model)[0]
+    key = feature_cache.frozen_key(model, frozen)
+    assert key == feature_cache.frozen_key(model, frozen)
+    assert key != feature_cache.frozen_key(other, freeze.frozen_part(other)[0])
+    with torch.no_grad():
+        frozen[0].word_embeddings.weight[3, 0] += 1  # another checkpoint of the same model
+    assert key != feature_cache.frozen_key(model, frozen)
+    path = in_tmp / "broken.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    cache = feature_cache.FeatureCache(path=path)
+    assert cache.load() == 0
+    cache.rows[(1, 2, 3)] = torch.ones(3, 4)
+    assert cache.save() and not cache.save()  # written once, then nothing new to write
+    again = feature_cache.FeatureCache(path=path)
+    assert again.load() == 1 and torch.equal(again.rows[(1, 2, 3)], torch.ones(3, 4))

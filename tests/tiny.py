@@ -89,8 +89,8 @@ def make_model_dir(path: Path, kind: str = "bert", seed: int = 0, **overrides) -
     if kind not in ("bert", "llama", "llama-bpe"):
         raise ValueError(kind)
     if kind == "bert":
-        config = BertConfig(vocab_size=n, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=128, pad_token_id=0, **overrides)
+        config = BertConfig(**{"vocab_size": n, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                               "intermediate_size": 64, "max_position_embeddings": 128, "pad_token_id": 0, **overrides})
         model = AutoModel.from_config(config)
     else:
         config = LlamaConfig(vocab_size=n, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

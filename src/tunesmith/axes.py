@@ -142,6 +142,10 @@ class TuningHooks(Protocol):
         outputs computed once per example and looked up after). Called once, on the tuned model before base
         scoring; returns a line for the log, or None. Default: nothing."""
 
+    def speed_up_done(self, cfg, model) -> str | None:
+        """Called once after the last evaluation, before the weights are written: keep what `speed_up` built for
+        later runs (freeze with `cache_features: disk`: the feature cache's file). A line for the log, or None."""
+
     def save(self, run_dir: Path, model, tokenizer) -> str:
         """Write the trained weights into the run folder; return the folder's name. Default: `artifacts.save_weights`
         (a peft adapter, or the full model)."""

@@ -167,6 +167,10 @@ def check(cfg, tokenizer, prepared, head: str) -> None:
             raise ConfigError(f"hidden_weight compares hidden states, and the teacher's are {t_config.hidden_size} wide, "
                               f"the student's {s_config.hidden_size}", where="objective.distill.hidden_weight",
                               hint="set hidden_weight: 0, or build the student with keep_layers")
+    if d.hidden_layers == "matched" and (d.keep_layers is None or head != "sequence-classification"):
+        raise ConfigError("hidden_layers: matched pairs each student block with the teacher blocks it was built to "
+                          "replace, so it needs a classify student built with keep_layers",
+                          where="objective.distill.hidden_layers", hint="use hidden_layers: last")
     if d.cache and head != "sequence-classification":
         raise ConfigError("cache stores the teacher's class logits per example; for a language model that would be "
                           "every token's vocabulary-wide logits", where="objective.distill.cache",
@@ -367,7 +371,8 @@ def side_by_side(cfg, teacher, task, model, examples: list[dict], batch_size: in
                     "examples_per_s": s_speed},
         "speedup": round(s_speed / max(t_speed, 1e-9), 2),
         "settings": {"temperature": d.temperature, "alpha": d.alpha, "hidden_weight": d.hidden_weight,
-                     "keep_layers": d.keep_layers, "augment": d.augment.model_dump()},
+                     "hidden_layers": d.hidden_layers, "keep_layers": d.keep_layers,
+                     "augment": d.augment.model_dump()},
     }
     main = task.MAIN_METRIC
     if main in t_scores and t_scores[main]:

@@ -501,6 +501,8 @@ def save_run(flow: Flow, model, summary: dict, generation, scores, side: dict | 
     elif answers is not None:
         artifacts.write_json(run_dir / "generations.json", [{"messages": it["messages"], "reference":
                              it["reference"], **a.__dict__} for it, a in zip(gen_items, answers)])
+    if hasattr(flow.tuning, "speed_up_done") and (said := flow.tuning.speed_up_done(cfg.tuning, model)):
+        flow.say(said)
     sizes = (lambda weights: {"distill": distilling.with_sizes(side, cfg, run_dir, weights)}) if side else None
     write_run(run_dir, flow.tuning, model, flow.tokenizer, summary, sizes)
     if "test" in results:

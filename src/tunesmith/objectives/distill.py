@@ -3,6 +3,12 @@
     loss per unit = alpha * task loss + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
                     + hidden_weight * (1 - cos(student hidden, teacher hidden))          (DistilBERT's cosine term)
 
+The cosine term compares the last hidden states (DistilBERT), or with `hidden_layers: matched` (classify, a
+student built with keep_layers) every student block's output with the teacher's output after the blocks it
+stands in for: student block j replaces teacher blocks keep[j] .. keep[j+1] - 1, so its output is matched with
+the teacher's after block keep[j+1] - 1, the last one with the teacher's last (Sun et al. 2019, patient
+knowledge distillation); the terms are averaged over the blocks.
+
 T^2 keeps the soft term's gradients on the scale of the task term's as T grows (Hinton et al., sec. 2).
 One code path serves every objective whose Config has a `distill:` field; the unit is what the objective
 averages over: an example for classify (the class logits), a target token for clm and sft (the next-token
@@ -69,6 +75,9 @@ class DistillConfig(Section):
     hidden_weight: float = Field(0.0, ge=0)
     """Weight of DistilBERT's cosine term between the student's and the teacher's last hidden states (0: off);
     needs equal hidden sizes (a student built with keep_layers has them)."""
+    hidden_layers: Literal["last", "matched"] = "last"
+    """Which hidden states the cosine term (hidden_weight > 0) compares. last: the last (DistilBERT). matched (classify,
+    with keep_layers): each student block's output with the teacher's after the blocks it stands in for (PKD)."""
     keep_layers: Union[Literal["every_other"], list[int], None] = None
     """Build the student from the teacher, as DistilBERT was initialised: its embeddings, these blocks (in order)
     and its head. every_other keeps blocks 0, 2, 4, ...; a list names them (negative counts from the end).
@@ -113,12 +122,12 @@ class Teacher:
 
     @torch.no_grad()
     def classify(self, batch, hidden: bool):
-        """(logits, last hidden states or None) for a classification batch."""
+        """(logits, every layer's hidden states (embeddings first) or None) for a classification batch."""
         if self.cached is not None and "teacher_row" in batch and not hidden:
             return self.cached.to(batch["input_ids"].device)[batch["teacher_row"]], None
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          output_hidden_states=hidden)
-        return out.logits.float(), (out.hidden_states[-1] if hidden else None)
+        return out.logits.float(), (out.hidden_states if hidden else None)
 
     @torch.no_grad()
     def augmented(self, batch, keys: torch.Tensor) -> torch.Tensor:
@@ -200,6 +209,22 @@ def _cosine_sum(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tenso
     return (1 - F.cosine_similarity(student_h.float(), teacher_h.float(), dim=-1)).sum()
 
 
+def _example_cosine_sum(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over examples of the mean over each one's real tokens of 1 - cos(student, teacher)."""
+    per_token = 1 - F.cosine_similarity(student_h.float(), teacher_h.float(), dim=-1)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+
+
+def hidden_pairs(cfg: DistillConfig, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student, teacher) indices into the models' hidden-state tuples (0: the embeddings) that the cosine term
+    compares: the last with the last, or (matched) student block j's output with the teacher's after block
+    keep[j + 1] - 1 (its last block for the student's last)."""
+    if cfg.hidden_layers == "last" or cfg.keep_layers is None:
+        return [(-1, -1)]
+    keep = keep_indices(cfg.keep_layers, teacher_layers)
+    return [(j + 1, keep[j + 1] if j + 1 < len(keep) else teacher_layers) for j in range(len(keep))]
+
+
 class Distilled:
     """The task objective with the teacher's soft targets added to its loss; everything else is the task's.
 
@@ -210,6 +235,7 @@ class Distilled:
 
     def __init__(self, task, teacher: Teacher, cfg: DistillConfig, augmentation: Augmentation | None = None):
         self.task, self.teacher, self.cfg, self.augmentation = task, teacher, cfg, augmentation
+        self.pairs = hidden_pairs(cfg, getattr(teacher.model.config, "num_hidden_layers", 0) or 0)
         self.HEAD = task.HEAD
         self.METRICS = {**task.METRICS, **METRICS}
         self.MAIN_METRIC = task.MAIN_METRIC
@@ -231,9 +257,9 @@ class Distilled:
             soft = kl_sum(t_logits, logits, cfg.temperature)
             cos = None
             if hidden:
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                per_token = 1 - F.cosine_similarity(out.hidden_states[-1].float(), t_hidden.float(), dim=-1)
-                cos = ((per_token * mask.squeeze(-1)).sum(-1) / mask.squeeze(-1).sum(-1).clamp(min=1)).sum()
+                mask = batch["attention_mask"].float()
+                cos = sum(_example_cosine_sum(out.hidden_states[s], t_hidden[t], mask) for s, t in self.pairs) \
+                    / len(self.pairs)
             labelled = count
             if self.augmentation is not None and "teacher_row" in batch:  # train batches only
                 extra, n_extra = self._augmented_kl(model, batch["teacher_row"])

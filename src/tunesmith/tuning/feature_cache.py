@@ -16,11 +16,21 @@ blocks run in eval mode either way (see `stay_in_eval`), so a cached run trains 
 uncached one. A call the cache cannot key safely (no attention mask, left padding, extra inputs such as
 `position_ids`, `past_key_values` or `inputs_embeds`, or hidden states asked for) runs the plain path and
 stores nothing. A deep copy of the model (a reference model) gets an empty, switched-off cache.
+
+On disk (`cache_features: disk`): the rows also persist between runs, in one safetensors file per frozen part,
+named by a hash of the model's class and config, the cut, and every weight and buffer of the frozen part
+(`frozen_key`), under `$TUNESMITH_HOME/feature-cache/`. A later run of the same frozen part (another sweep trial,
+a rerun at another learning rate, more epochs) reads it at the start and computes only rows it has never seen;
+the file is rewritten once, after training, when the run added rows. A file that cannot be read is ignored and
+replaced. Rows are keyed by tokens, so any data set is served by the same file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import types
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,8 +43,12 @@ _HARMLESS = {"return_dict", "use_cache", "labels"}
 class FeatureCache:
     """Hidden states at the cut, one [tokens, hidden] tensor per distinct example (its real tokens as the key)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, path: Path | None = None):
         self.enabled = enabled
+        self.path = path
+        """The file the rows persist in between runs (`cache_features: disk`), or None (memory only)."""
+        self.loaded = 0
+        """Rows read from `path` when the cache was installed."""
         self.rows: dict[tuple, torch.Tensor] = {}
         self.batch: tuple[list[tuple], torch.Tensor, tuple[int, int]] | None = None
         """The current call's (keys, lengths, (rows, width)), or None when this call runs the plain path."""
@@ -55,6 +69,44 @@ class FeatureCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.rows.values())
+
+    # between runs -------------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Read the rows of `path` (none when it is missing or unreadable: it is then rewritten); their count."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if self.path is None or not self.path.exists():
+            return 0
+        try:
+            tensors = load_file(self.path)
+            tokens, lengths, hidden = tensors["tokens"], tensors["lengths"], tensors["hidden"]
+            self.tuple_output = bool(tensors["tuple_output"].item())
+        except (SafetensorError, KeyError, OSError, RuntimeError):
+            return 0
+        for ids, states in zip(tokens.split(lengths.tolist()), hidden.split(lengths.tolist())):
+            self.rows[tuple(ids.tolist())] = states
+        self.loaded = len(self.rows)
+        return self.loaded
+
+    def save(self) -> bool:
+        """Write every row to `path` when this run added some (written whole, then renamed into place)."""
+        from safetensors.torch import save_file
+
+        if self.path is None or len(self.rows) == self.loaded or not self.rows:
+            return False
+        keys = list(self.rows)
+        tensors = {"tokens": torch.tensor([t for key in keys for t in key], dtype=torch.int64),
+                   "lengths": torch.tensor([len(key) for key in keys], dtype=torch.int64),
+                   "hidden": torch.cat([self.rows[key].cpu() for key in keys]).contiguous(),
+                   "tuple_output": torch.tensor(int(self.tuple_output))}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp)
+        tmp.replace(self.path)
+        self.loaded = len(keys)
+        return True
 
     # hooks on the body --------------------------------------------------------------------------
 
@@ -113,10 +165,22 @@ def _frozen_forward(self, hidden_states, *args, **kwargs):
     return output
 
 
-def install(body: nn.Module, frozen: list[nn.Module]) -> FeatureCache:
+def frozen_key(model: nn.Module, frozen: list[nn.Module]) -> str:
+    """What the frozen part's outputs depend on, hashed: the model's class and config, how many modules are frozen,
+    and every weight and buffer in them (so a changed checkpoint or dtype never reads another's rows)."""
+    h = hashlib.sha256(f"{type(model).__name__}\n{model.config.to_json_string()}\n{len(frozen)}".encode())
+    for module in frozen:
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+def install(body: nn.Module, frozen: list[nn.Module], path: Path | None = None) -> FeatureCache:
     """Cache the output of the last of `frozen` (the body's first blocks, in order) keyed by each example's
-    tokens."""
-    cache = FeatureCache()
+    tokens; with `path`, the rows stored there by earlier runs are read first."""
+    cache = FeatureCache(path=path)
+    cache.load()
     body.register_forward_pre_hook(cache.begin, with_kwargs=True)
     body.register_forward_hook(cache.end, with_kwargs=True, always_call=True)
     for i, block in enumerate(frozen):

@@ -12,11 +12,12 @@ for every later epoch and evaluation (tuning/feature_cache.py): same numbers, a 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, Union
 
 from pydantic import Field, field_validator
 
 from ..axes import Change
+from ..cache import home
 from ..errors import ConfigError
 from ..models.anatomy import blocks, head_parameters
 from ..schema import Section
@@ -37,11 +38,14 @@ class Config(Section):
     """Train the task head (the new classifier, or the LM head). Turn off only with train_last > 0."""
     also_train: list[str] = []
     """Regular expressions; parameters whose names match also train (e.g. `pooler`, `norm`)."""
-    cache_features: bool = True
+    cache_features: Union[bool, Literal["disk"]] = True
     """Compute the frozen part's outputs (embeddings and the frozen blocks) once per distinct example, in memory,
     and train the rest on them: every later epoch and evaluation skips the frozen blocks. Same results either
     way (the frozen part runs without dropout in both); costs memory, one [tokens x hidden] tensor per example.
-    Applies when the frozen part has no trained weight (not with a head tied to the input embeddings)."""
+    Applies when the frozen part has no trained weight (not with a head tied to the input embeddings).
+    `disk`: also keep them between runs, under $TUNESMITH_HOME/feature-cache/ (one file per model and frozen
+    part, as large as the rows it holds): a later run of the same model (a sweep's next trial, another lr)
+    computes only the examples no run computed before."""
 
     @field_validator("also_train")
     @classmethod
@@ -121,7 +125,22 @@ def speed_up(cfg: Config, model) -> str | None:
     if not frozen_blocks or body is None or body is model:
         return ("feature cache: off (the frozen part has trained weights, e.g. a head tied to the input "
                 "embeddings, or no frozen block)")
-    model.feature_cache = feature_cache.install(body, frozen_blocks)
+    path = None
+    if cfg.cache_features == "disk":
+        frozen, _ = frozen_part(model)
+        path = home() / "feature-cache" / f"{feature_cache.frozen_key(model, frozen)}.safetensors"
+    model.feature_cache = cache = feature_cache.install(body, frozen_blocks, path)
     n = len(frozen_blocks)
-    return (f"feature cache: the outputs of the embeddings and {n} frozen block{'s' * (n > 1)} are computed once "
+    said = (f"feature cache: the outputs of the embeddings and {n} frozen block{'s' * (n > 1)} are computed once "
             "per example and reused")
+    if path is not None:
+        said += f"; {cache.loaded:,} examples' outputs read from {path}" if cache.loaded else f", and kept in {path}"
+    return said
+
+
+def speed_up_done(cfg: Config, model) -> str | None:
+    """After training: `cache_features: disk` writes the rows this run added for the next run."""
+    cache = getattr(model, "feature_cache", None)
+    if cache is None or not cache.save():
+        return None
+    return f"feature cache: {len(cache):,} examples' outputs ({cache.nbytes() / 2**20:,.0f} MiB) written to {cache.path}"
