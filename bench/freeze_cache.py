@@ -80,12 +80,12 @@ def main() -> None:
 
     plain = runs["no cache"]
     print(f"\nfreeze (head only), {args.epochs:g} epochs, {args.model} on {args.data}")
-    print(f"{'':<22}" + "".join(f"{name:>17}" for name in runs) + "".join(f"{'x ' + n:>17}" for n in list(runs)[1:]))
+    print(f"{'':<22}" + "".join(f"{name:>17}" for name in runs) + "".join(f"{'x ' + n:>20}" for n in list(runs)[1:]))
     for key, label in (("train_seconds", "train seconds"), ("run_seconds", "whole run seconds"),
                        ("process_seconds", "process seconds")):
         ratios = [plain[key] / max(r[key], 1e-9) for r in list(runs.values())[1:]]
         print(f"{label:<22}" + "".join(f"{r[key]:>17.1f}" for r in runs.values())
-              + "".join(f"{x:>16.2f}x" for x in ratios))
+              + "".join(f"{x:>19.2f}x" for x in ratios))
     print(f"{'peak memory MB':<22}" + "".join(f"{r['peak_memory_mb']:>17.0f}" for r in runs.values()))
     same = True
     for split in ("validation", "test"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +161,15 @@ def test_killed_in_stage_two_resumes_there_and_ends_like_an_uninterrupted_run(in
     strip = lambda s: [{k: v for k, v in st.items() if k != "wall_seconds"} for st in s["stages"]]  # noqa: E731
     assert strip(top_a) == strip(top_b)
     assert top_a["stages"][2]["tuned"]["reward"] is not None and top_a["policy"] == "stages/3-rl/merged"
+
+    # a finished staged run is not resumed, unless a stage is missing: then only that stage runs again
+    refused = cli(["train", str(cfg), "name=whole", "--resume"], in_tmp)
+    assert refused.returncode == 2 and "already holds a finished run" in refused.stderr
+    shutil.rmtree(a / "stages" / "3-rl")
+    again = cli(["train", str(cfg), "name=whole", "--resume"], in_tmp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier; kept") == 2 and (a / "stages" / "3-rl" / "summary.json").exists()
+    assert strip(json.loads((a / "summary.json").read_text())) == strip(top_a)
 
 
 def test_plan_plans_every_stage(in_tmp, tiny_llama, instruction_dir, preference_dir, capsys):

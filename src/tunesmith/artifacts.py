@@ -71,17 +71,18 @@ def _is_empty(run_dir: Path) -> bool:
     return not any(p.name not in (LOCK, MARKER) for p in run_dir.iterdir())
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
+def check_run_dir(run_dir: Path, *, resume: bool, force: bool, reopen: bool = False) -> None:
     """Refuse to clobber an existing run unless told how (only reads; nothing is written).
 
     `--force` replaces only a folder tunesmith made (it holds the marker file): never a folder of the user's
-    that happens to have the run's name."""
+    that happens to have the run's name. `reopen`: with --resume, a finished run may be continued (a staged
+    run one of whose stages is missing or unfinished)."""
     if run_dir.is_dir():
         _refuse_if_locked(run_dir)
-    _check_state(run_dir, resume=resume, force=force)
+    _check_state(run_dir, resume=resume, force=force, reopen=reopen)
 
 
-def _check_state(run_dir: Path, *, resume: bool, force: bool) -> None:
+def _check_state(run_dir: Path, *, resume: bool, force: bool, reopen: bool = False) -> None:
     if not run_dir.exists() or (run_dir.is_dir() and not run_dir.is_symlink() and _is_empty(run_dir)):
         return
     if not made_by_tunesmith(run_dir):
@@ -90,7 +91,7 @@ def _check_state(run_dir: Path, *, resume: bool, force: bool) -> None:
                              hint="give the run another name (name=...) or another output.dir, or move that folder")
     if force:
         return
-    if is_finished(run_dir):
+    if is_finished(run_dir) and not (resume and reopen):
         raise TunesmithError(f"{run_dir} already holds a finished run",
                              hint="pass --force to overwrite it, or give the run another name (name=...)")
     if not resume:
@@ -141,7 +142,7 @@ def _refuse_if_locked(run_dir: Path) -> None:
             raise _in_use(run_dir, probe.read().strip())
 
 
-def claim_run_dir(run_dir: Path, *, resume: bool, force: bool):
+def claim_run_dir(run_dir: Path, *, resume: bool, force: bool, reopen: bool = False):
     """Create the run folder and lock it for this process; returns the lock, to `release` when the run ends.
 
     Two runs of one name started together both pass the first look (`check_run_dir`); only the one that gets
@@ -155,7 +156,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool):
         lock.close()
         raise _in_use(run_dir, holder)
     try:
-        _check_state(run_dir, resume=resume, force=force)
+        _check_state(run_dir, resume=resume, force=force, reopen=reopen)
         if force and made_by_tunesmith(run_dir):  # else the folder is new (or empty): nothing to replace
             clear_run_dir(run_dir)
         mark_run_dir(run_dir)

@@ -330,40 +330,64 @@ def folder_mb(*folders: Path) -> float:
     return round(total / 2**20, 2)
 
 
-def _timed(model, objective, obj_cfg, examples, batch_size, pad_id, accelerator, desc):
-    from .evaluate.score import evaluate
+SPEED_ROUNDS = 3
+"""Each model's inference speed is its best of this many passes over the test split, the models taking turns: one
+pass of a few seconds on a shared machine is too noisy to compare."""
 
-    tick = time.perf_counter()
-    scores = evaluate(model, objective, obj_cfg, examples, batch_size, pad_id, accelerator, desc)
-    return scores, round(len(examples) / max(time.perf_counter() - tick, 1e-9), 1)
+
+@torch.no_grad()
+def speeds(models: dict, examples: list[dict], batch_size: int, pad_id: int, device) -> dict[str, float]:
+    """Examples/s of each model's forward pass over `examples` (batched and padded as evaluation does), the best of
+    SPEED_ROUNDS passes, the models in turn in each round."""
+    from .data.batches import eval_batches
+    from .data.collate import collate
+
+    batches = [{k: v.to(device) for k, v in collate([{"input_ids": examples[i]["input_ids"]} for i in idx],
+                                                      pad_id).items()}
+               for idx in eval_batches([len(e["input_ids"]) for e in examples], batch_size)]
+    best = {name: float("inf") for name in models}
+    for _ in range(SPEED_ROUNDS):
+        for name, model in models.items():
+            tick = time.perf_counter()
+            for batch in batches:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            best[name] = min(best[name], time.perf_counter() - tick)
+    return {name: round(len(examples) / max(t, 1e-9), 1) for name, t in best.items()}
 
 
 def side_by_side(cfg, teacher, task, model, examples: list[dict], batch_size: int, pad_id: int, accelerator,
                  run_dir: Path, hard: dict | None) -> dict:
-    """Test metrics of teacher and student on the same split, their sizes, and their inference speed, each timed
-    over the whole split with the same batch size, one after the other in this process."""
-    from .models.params import count_parameters
-
+    """Test metrics of teacher and student on the same split, their sizes, and their inference speed (`speeds`:
+    the same batches for each, the models timed in turn, in this process)."""
     from .evaluate.score import evaluate
+    from .models.params import count_parameters
     from .objectives.distill import Distilled
 
     d = settings(cfg)
-    t_scores, t_speed = _timed(teacher.model, task, cfg.objective, examples, batch_size, pad_id, accelerator,
-                               "teacher test")
-    s_scores, s_speed = _timed(model, task, cfg.objective, examples, batch_size, pad_id, accelerator, "student test")
     with_teacher = Distilled(task, teacher, d)
-    s_scores["teacher_agreement"] = evaluate(model, with_teacher, cfg.objective, examples, batch_size, pad_id,
-                                             accelerator, "agreement")["teacher_agreement"]
+
+    def scores(m, name):
+        out = evaluate(m, task, cfg.objective, examples, batch_size, pad_id, accelerator, f"{name} test")
+        if m is not teacher.model:
+            out["teacher_agreement"] = evaluate(m, with_teacher, cfg.objective, examples, batch_size, pad_id,
+                                                accelerator, "agreement")["teacher_agreement"]
+        return out
+
+    t_scores, s_scores = scores(teacher.model, "teacher"), scores(model, "student")
+    timed = {"teacher": teacher.model, "student": model}
     if hard is not None:  # the hard-label student, reloaded from its run, measured the same way
         from .trained import load_trained
 
-        twin = load_trained(run_dir / HARD).model.to(next(model.parameters()).device)
-        h_scores, h_speed = _timed(twin, task, cfg.objective, examples, batch_size, pad_id, accelerator,
-                                   "hard-label student test")
-        h_scores["teacher_agreement"] = evaluate(twin, with_teacher, cfg.objective, examples, batch_size, pad_id,
-                                                 accelerator, "agreement")["teacher_agreement"]
-        hard = {**hard, "test": h_scores, "examples_per_s": h_speed}
-        del twin
+        timed["hard"] = load_trained(run_dir / HARD).model.to(next(model.parameters()).device).eval()
+        hard = {**hard, "test": scores(timed["hard"], "hard-label student")}
+    was_training = model.training
+    model.eval()
+    speed = speeds(timed, examples, batch_size, pad_id, next(model.parameters()).device)
+    model.train(was_training)
+    t_speed, s_speed = speed["teacher"], speed["student"]
+    if hard is not None:
+        hard["examples_per_s"] = speed["hard"]
+    timed.clear()
     out = {
         "teacher": {"source": d.teacher, "test": t_scores, "params": count_parameters(teacher.model)[1],
                     "size_mb": folder_mb(teacher_folder(d.teacher)), "examples_per_s": t_speed},

@@ -236,10 +236,14 @@ def run(staged: Staged, *, resume: bool = False, force: bool = False) -> dict:
     from .run import train
 
     started, root = time.perf_counter(), staged.root
-    artifacts.check_run_dir(root, resume=resume, force=force)
-    lock = artifacts.claim_run_dir(root, resume=resume, force=force)
+    # --resume of a finished staged run goes on when a stage is missing or unfinished (its folder removed to
+    # run it again with other settings): the finished stages are kept
+    reopen = any(not artifacts.is_finished(root / "stages" / stage.cfg.name) for stage in staged.stages)
+    artifacts.check_run_dir(root, resume=resume, force=force, reopen=reopen)
+    lock = artifacts.claim_run_dir(root, resume=resume, force=force, reopen=reopen)
     policy, runs, policies, results = None, {}, {}, []
     try:
+        (root / artifacts.SUMMARY).unlink(missing_ok=True)  # rewritten when every stage has finished
         (root / "staged-config.yaml").write_text(staged.text, encoding="utf-8")
         artifacts.set_status(root, "running")
         for stage in staged.stages:
