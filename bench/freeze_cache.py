@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunesmith.cache import home
+
 CONFIG = """\
 name: {name}
 model: {model}
@@ -49,7 +51,7 @@ def run(name: str, cache: str, args, tmp: Path) -> dict:
     if cache == "disk":  # a fresh cache folder: the first disk run computes, the second reads
         env["TUNESMITH_HOME"] = str(tmp / "home")
         (tmp / "home").mkdir(exist_ok=True)
-        real = Path(os.environ.get("TUNESMITH_HOME") or Path.home() / ".cache" / "tunesmith").expanduser()
+        real = home()  # the pulled samples are read from where they already are
         for sub in ("samples", "downloads"):
             if (real / sub).exists() and not (tmp / "home" / sub).exists():
                 (tmp / "home" / sub).symlink_to(real / sub)
