@@ -142,3 +142,26 @@ def test_prompt_tuning_goes_through_model_generate(llama):
     settings = GenerateConfig(max_new_tokens=5, batch_size=2)
     got = generate(tuned, tokenizer, ps, settings, [tokenizer.eos_token_id])
     assert all(g.tokens == 5 for g in got)
+
+
+def test_growing_cache_layer_holds_what_dynamic_layer_holds_and_copies_only_when_full():
+    from transformers.cache_utils import DynamicLayer
+
+    from tunesmith.evaluate.decoding import _GrowingLayer
+
+    torch.manual_seed(0)
+    grow, plain = _GrowingLayer(headroom=3), DynamicLayer()
+    buffers = set()
+    for step, width in enumerate([5, 1, 1, 1, 1, 2]):  # a prefill of 5, then tokens: room for 3, then full
+        k, v = torch.randn(2, 3, width, 4), torch.randn(2, 3, width, 4)
+        got, want = grow.update(k, v), plain.update(k, v)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        buffers.add(grow._room[0].data_ptr())
+        if step == 3:
+            assert len(buffers) == 1  # three tokens written into the prefill's spare room, no copy
+    assert len(buffers) == 2  # the fourth token found the buffer full
+    # `_Batch.select` replaces the views (rows left): the next token is appended after the kept rows' history.
+    grow.keys, grow.values = grow.keys[[1]], grow.values[[1]]
+    plain.keys, plain.values = plain.keys[[1]], plain.values[[1]]
+    k, v = torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)
+    assert all(torch.equal(g, w) for g, w in zip(grow.update(k, v), plain.update(k, v)))
