@@ -1,9 +1,9 @@
 """tunesmith vs trl's DPOTrainer + PEFT on the same LoRA preference tuning.
 
-    python bench/dpo_vs_trl.py [--rows 128] [--eval-rows 30] [--max-length 128]
+    python bench/dpo_vs_trl.py [--rows 128] [--eval-rows 30] [--max-length 128] [--gradient-checkpointing]
 
-The settings of examples/dpo-lora.yaml on both sides, except gradient checkpointing (off on both sides; the example
-turns it on): SmolLM2-135M-Instruct sample, LoRA r=16, alpha 32,
+The settings of examples/dpo-lora.yaml on both sides, except gradient checkpointing (off on both sides unless
+--gradient-checkpointing turns it on on both, as the example does): SmolLM2-135M-Instruct sample, LoRA r=16, alpha 32,
 dropout 0.05 on all linear layers, sigmoid DPO loss with beta 0.1, the reference being the same model with the
 adapter switched off and its log-probs precomputed once before training (tunesmith: precompute_ref: true;
 trl: precompute_ref_log_probs=True; on both sides outside the timed training), batch 8 pairs, lr 5e-4 with
@@ -34,11 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
+
+from peers import LAST_LOSSES, child  # run as `python bench/dpo_vs_trl.py`: bench/ is on the path
+
+BENCH = "dpo_vs_trl.py"
 
 # Shared by every child: the pairs exactly as tunesmith encodes them for dpo.
 COMMON = textwrap.dedent("""
@@ -60,11 +63,7 @@ COMMON = textwrap.dedent("""
 
     def answer_tokens(examples):
         return sum(sum(l != -100 for l in e[k]) for e in examples for k in ("labels", "rejected_labels"))
-
-    def last_losses(losses):
-        tail = losses[-max(1, len(losses) // 10):]
-        return sum(tail) / len(tail)
-""")
+""") + LAST_LOSSES
 
 TRL = COMMON + textwrap.dedent("""
     from datasets import Dataset
@@ -80,7 +79,7 @@ TRL = COMMON + textwrap.dedent("""
                        zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
             return LengthGroupedSampler(self.args.train_batch_size, lengths=lengths)
 
-    rows, max_length, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    rows, max_length, out, checkpointing = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     set_seed(0)
     tok, examples, prompts = encoded("train", rows, max_length)
     train = Dataset.from_list([{"prompt": p["messages"], "chosen": [{"role": "assistant", "content": p["reference"]}],
@@ -89,7 +88,8 @@ TRL = COMMON + textwrap.dedent("""
     args = DPOConfig(output_dir=out, per_device_train_batch_size=8, num_train_epochs=1, learning_rate=5e-4,
                      warmup_steps=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0,
                      bf16=False, fp16=False, use_cpu=True, max_length=max_length, beta=BETA, loss_type=["sigmoid"],
-                     precompute_ref_log_probs=True, precompute_ref_batch_size=8, gradient_checkpointing=False,
+                     precompute_ref_log_probs=True, precompute_ref_batch_size=8, gradient_checkpointing=checkpointing,
+                     gradient_checkpointing_kwargs={"use_reentrant": False},
                      eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
                      seed=0, dataloader_num_workers=0)
     trainer = GroupedDPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
@@ -120,7 +120,7 @@ data:
 tuning: {{kind: lora, r: 16, alpha: 32, dropout: 0.05, targets: all-linear}}
 objective: {{kind: dpo, beta: 0.1, precompute_ref: true}}
 train: {{epochs: 1, batch_size: 8, lr: 5.0e-4, warmup: 0.1, eval_every: 1000000, log_every: 1,
-         early_stopping: {{enabled: false}}}}
+         gradient_checkpointing: {checkpointing}, early_stopping: {{enabled: false}}}}
 eval: {{compare_base: false, forgetting: {{enabled: false}}}}
 output: {{dir: {out}}}
 """
@@ -175,28 +175,20 @@ SCORE = COMMON + textwrap.dedent("""
 """)
 
 
-def child(name: str, code: str, *argv) -> dict:
-    """Run `code` in a fresh Python; its last output line starting with RESULT is the answer. Any failure
-    stops the whole benchmark (no half table)."""
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
-    if proc.returncode != 0 or "RESULT" not in proc.stdout:
-        sys.stderr.write(proc.stderr[-4000:])
-        sys.exit(f"bench/dpo_vs_trl.py: the {name} run failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(proc.stdout.rsplit("RESULT", 1)[1])
-
 
 def run_tunesmith(args, tmp: Path) -> dict:
     cfg = tmp / "bench.yaml"
-    cfg.write_text(TUNESMITH_CONFIG.format(rows=args.rows, max_length=args.max_length, out=tmp / "runs"))
-    result = child("tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench")
-    return {**result, **child("tunesmith scoring", SCORE, tmp / "runs" / "bench" / "adapter", args.eval_rows,
-                              args.max_length)}
+    cfg.write_text(TUNESMITH_CONFIG.format(rows=args.rows, max_length=args.max_length, out=tmp / "runs",
+                                           checkpointing=str(args.gradient_checkpointing).lower()))
+    result = child(BENCH, "tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench")
+    return {**result, **child(BENCH, "tunesmith scoring", SCORE, tmp / "runs" / "bench" / "adapter",
+                              args.eval_rows, args.max_length)}
 
 
 def run_trl(args, tmp: Path) -> dict:
     out = tmp / "trl"
-    result = child("trl", TRL, args.rows, args.max_length, out)
-    return {**result, **child("trl scoring", SCORE, out / "adapter", args.eval_rows, args.max_length)}
+    result = child(BENCH, "trl", TRL, args.rows, args.max_length, out, int(args.gradient_checkpointing))
+    return {**result, **child(BENCH, "trl scoring", SCORE, out / "adapter", args.eval_rows, args.max_length)}
 
 
 def main() -> None:
@@ -204,6 +196,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=128, help="first pairs of the train split")
     p.add_argument("--eval-rows", type=int, default=30, help="first pairs of the test split scored after training")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (examples/dpo-lora.yaml's)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +206,8 @@ def main() -> None:
     if ours["pairs"] != trl["pairs"] or ours["test_pairs"] != trl["test_pairs"]:
         sys.exit(f"the two tools did not see the same pairs: {ours} vs {trl}")
     print(f"LoRA dpo, SmolLM2-135M-Instruct, dpo-demo {ours['pairs']} pairs x 1 epoch, batch 8, max_length "
-          f"{args.max_length}, reference log-probs precomputed, fp32, {os.cpu_count()} CPU threads; "
+          f"{args.max_length}, reference log-probs precomputed, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, fp32, {os.cpu_count()} CPU threads; "
           f"held-out on {ours['test_pairs']} test pairs")
     print(f"{'tool':<16}{'steps':>6}{'answer tok':>11}{'train s':>9}{'pairs/s':>9}{'peak GiB':>10}{'final loss':>12}"
           f"{'mean loss':>11}{'test loss':>11}{'test acc':>10}{'margin':>9}")

@@ -36,11 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
+
+from peers import LAST_LOSSES, child  # run as `python bench/sft_vs_trl.py`: bench/ is on the path
+
+BENCH = "sft_vs_trl.py"
 
 # Shared by every child: the rows exactly as tunesmith encodes them for sft.
 COMMON = textwrap.dedent("""
@@ -58,11 +61,7 @@ COMMON = textwrap.dedent("""
         data = DataConfig(train=DATA, max_length=max_length, max_rows={split: rows})
         part = load_splits(data, seed=0)[split]
         return tok, sft.prepare({split: part}, tok, sft.Config(), data).examples[split]
-
-    def last_losses(losses):
-        tail = losses[-max(1, len(losses) // 10):]
-        return sum(tail) / len(tail)
-""")
+""") + LAST_LOSSES
 
 TRL = COMMON + textwrap.dedent("""
     from datasets import Dataset
@@ -152,30 +151,22 @@ SCORE = COMMON + textwrap.dedent("""
 """)
 
 
-def child(name: str, code: str, *argv) -> dict:
-    """Run `code` in a fresh Python; its last output line starting with RESULT is the answer. Any failure
-    stops the whole benchmark (no half table)."""
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
-    if proc.returncode != 0 or "RESULT" not in proc.stdout:
-        sys.stderr.write(proc.stderr[-4000:])
-        sys.exit(f"bench/sft_vs_trl.py: the {name} run failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(proc.stdout.rsplit("RESULT", 1)[1])
-
 
 def run_tunesmith(args, tmp: Path) -> dict:
     cfg = tmp / "bench.yaml"
     cfg.write_text(TUNESMITH_CONFIG.format(rows=args.rows, max_length=args.max_length, out=tmp / "runs",
                                            packing=str(args.packing).lower(),
                                            checkpointing=str(args.gradient_checkpointing).lower()))
-    result = child("tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench")
-    return {**result, **child("tunesmith scoring", SCORE, tmp / "runs" / "bench" / "adapter", args.eval_rows,
-                              args.max_length)}
+    result = child(BENCH, "tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench")
+    return {**result, **child(BENCH, "tunesmith scoring", SCORE, tmp / "runs" / "bench" / "adapter",
+                              args.eval_rows, args.max_length)}
 
 
 def run_trl(args, tmp: Path) -> dict:
     out = tmp / "trl"
-    result = child("trl", TRL, args.rows, args.max_length, int(args.packing), int(args.gradient_checkpointing), out)
-    return {**result, **child("trl scoring", SCORE, out / "adapter", args.eval_rows, args.max_length)}
+    result = child(BENCH, "trl", TRL, args.rows, args.max_length, int(args.packing), int(args.gradient_checkpointing),
+                   out)
+    return {**result, **child(BENCH, "trl scoring", SCORE, out / "adapter", args.eval_rows, args.max_length)}
 
 
 def main() -> None:

@@ -1,0 +1,26 @@
+"""What the benchmarks against a peer tool share (sft_vs_trl.py, dpo_vs_trl.py): each side runs in a fresh
+Python, so its peak memory is its own, and answers on its last output line starting with RESULT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+# Pasted into each side's code: the final training loss both tools report, the mean of the last 10% of steps.
+LAST_LOSSES = textwrap.dedent("""
+    def last_losses(losses):
+        tail = losses[-max(1, len(losses) // 10):]
+        return sum(tail) / len(tail)
+""")
+
+
+def child(bench: str, name: str, code: str, *argv) -> dict:
+    """Run `code` in a fresh Python with `argv`; the JSON after its last RESULT is the answer. Any failure stops
+    the whole benchmark (no half table), naming the `bench` script and the side."""
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+    if proc.returncode != 0 or "RESULT" not in proc.stdout:
+        sys.stderr.write(proc.stderr[-4000:])
+        sys.exit(f"bench/{bench}: the {name} run failed (exit {proc.returncode}); its stderr is above")
+    return json.loads(proc.stdout.rsplit("RESULT", 1)[1])
