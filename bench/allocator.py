@@ -1,6 +1,7 @@
 """Peak memory and training speed with glibc's default malloc, the fixed mmap threshold the command sets when asked, and jemalloc.
 
     python bench/allocator.py [--config examples/X.yaml ...] [--steps 4] [--repeats 2] [--set key=value ...]
+                              [--sides SIDE ...] [--thresholds BYTES ...]
 
 For each config, short runs of `tunesmith train CONFIG train.max_steps=--steps` (no evaluation inside the loop, no
 base scoring, forgetting probe or generation) alternate between TUNESMITH_MMAP_THRESHOLD=0 (glibc's default:
@@ -61,8 +62,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
                     help="which allocators to run (glibc's default is always run: the ratios are to it)")
+    ap.add_argument("--thresholds", nargs="+", type=int, default=[],
+                    help="more fixed mmap thresholds to run, in bytes (each a side of its own)")
     args = ap.parse_args(argv)
     sides = {name: env for name, env in SIDES.items() if name == "glibc default" or name in args.sides}
+    sides |= {f"fixed {t / 2**20:g} MiB": {"TUNESMITH_MMAP_THRESHOLD": str(t)} for t in args.thresholds}
     table = []
     for config in args.config or DEFAULT_CONFIGS:
         overrides = short_run(args.steps) + args.overrides
@@ -80,13 +84,13 @@ def main(argv=None) -> int:
                                 "time": round(row[side]["train_seconds"] / old["train_seconds"], 3)}
                          for side in sides if side != "glibc default"}
         table.append(row)
-    print(f"{'config':<34}{'side':<18}{'peak GiB':>10}{'train s':>10}{'last loss':>12}")
+    print(f"{'config':<34}{'side':<22}{'peak GiB':>10}{'train s':>10}{'last loss':>12}")
     for row in table:
         for side in sides:
             r = row[side]
-            print(f"{row['config']:<34}{side:<18}{r['peak_gib']:>10.2f}{r['train_seconds']:>10.1f}{r['loss']:>12.4f}")
+            print(f"{row['config']:<34}{side:<22}{r['peak_gib']:>10.2f}{r['train_seconds']:>10.1f}{r['loss']:>12.4f}")
         for side, ratio in row["ratios"].items():
-            print(f"{'':<34}{side[:10] + ' / glibc':<18}{ratio['peak']:>10.3f}{ratio['time']:>10.3f}")
+            print(f"{'':<34}{side[:14] + ' / glibc':<22}{ratio['peak']:>10.3f}{ratio['time']:>10.3f}")
     print(json.dumps(table))
     return 0
 
