@@ -185,6 +185,34 @@ def test_ppo_and_grpo_train_on_an_environment_and_report_its_success_rates(in_tm
     assert card["test"]["rows"] == 6 and card["train"]["format"] == "episode"
     report = (in_tmp / "runs" / "env" / "compare.md").read_text()
     assert success[0] in report
+    if "nim" in env:  # its scripted floor, played on the same 6 held-out episodes
+        floor = summary["baselines"]["random"]
+        assert floor["about"] == "legal moves at random" and floor["test"]["legal_move_rate"] == 1.0
+        said = [w for w in summary["diagnosis"]["warnings"] if "random baseline" in w]
+        assert bool(said) == (summary["test"]["reward"] <= floor["test"]["reward"])
+    else:
+        assert "baselines" not in summary  # no scripted player for arithmetic
+
+
+def test_nim_random_player_floor_is_its_expected_score_over_the_held_out_games():
+    from tunesmith.envs import PLAYER_ROUNDS, baselines
+    from tunesmith.envs.nim import Config, Nim
+
+    cfg = Config(stones_min=1, stones_max=4, take=3, skill=1.0, max_turns=4)
+    seeds = list(range(50))
+    floor = baselines(cfg, seeds)["random"]
+    # By hand: from 1..3 stones the first move can take them all (won with probability 1/stones, the opponent
+    # then always finishes a legal pile of 1..3); from 4 stones every move leaves 1..3 and the perfect opponent
+    # wins. The mover is random, the pile is the seed's.
+    piles = []
+    for seed in seeds:
+        game = Nim(cfg)
+        game.reset(seed)
+        piles.append(game.stones)
+    expected = sum(1 / n if n < 4 else 0.0 for n in piles) / len(piles)
+    assert floor["win_rate"] == pytest.approx(expected, abs=0.06)  # PLAYER_ROUNDS draws per game
+    assert floor["reward"] == pytest.approx(floor["win_rate"]) and floor["legal_move_rate"] == 1.0
+    assert PLAYER_ROUNDS >= 10 and baselines(cfg, seeds) == {"random": floor}  # seeded: the same every time
 
 
 def test_an_environment_reads_no_data(in_tmp, tiny_llama):

@@ -539,6 +539,27 @@ def _rl_start_scores(run_dir: Path, resume: bool, split: str, score):
     return base, answers
 
 
+def _rl_warnings(results: dict, trivial: dict, obj, kl_hint: str, where: str) -> list[str]:
+    """A tuned policy that drifted past kl_bound, or that scores no better than a scripted player."""
+    warnings = [f"the tuned model's KL to the reference on {where} is {results['kl']:.2f} nats per answer, above "
+                f"objective.kl_bound {obj.kl_bound}: it may be exploiting the reward; {kl_hint}"] \
+        if results["kl"] > obj.kl_bound else []
+    return warnings + [f"the tuned model's mean reward on {where} ({results['reward']:.4f}) is no better than "
+                       f"{b['about']} ({name} baseline {b['reward']:.4f})"
+                       for name, b in trivial.items() if results["reward"] <= b["reward"]]
+
+
+def _print_rl_table(title: str, trivial: dict, base: dict, results: dict, kl_bound: float) -> None:
+    """The end-of-run table of an RL objective: the scripted players (if any), the starting and the tuned model."""
+    print(f"\n{title:<20}" + "".join(f"{name:>10}" for name in trivial) + f"{'start':>10}{'tuned':>10}")
+    for key in results:
+        floors = "".join(f"{b[key]:>10.4f}" if key in b else f"{'-':>10}" for b in trivial.values())
+        print(f"{key:<20}{floors}{base[key]:>10.4f}{results[key]:>10.4f}")
+    for name, b in trivial.items():
+        print(f"({name}: {b['about']}, on the same episodes)")
+    print(f"(kl: nats per answer against the reference; bound {kl_bound})")
+
+
 def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report: Report, model, resume: bool,
               started: float, accelerator, counts: tuple[int, int]) -> dict:
     """An RL objective (its own loop, train/ppo.py or train/grpo.py): the starting model answers held-out prompts
@@ -569,6 +590,10 @@ def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report
         base, base_answers = _rl_start_scores(run_dir, resume, split, lambda: rollout.evaluate(
             trainee.policy, reference, answers_from, split, n, settings, cfg.train.seed))
         say(f"base {split} " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+    trivial = answers_from.baselines(split, n) if held else {}  # scripted players of an environment, if any
+    for name, b in trivial.items():
+        say(f"baseline {name} ({b['about']}): {split} " + ", ".join(f"{k} {v:.4f}" for k, v in b.items()
+                                                                    if k != "about"))
 
     trained = loop.fit(model=trainee, reference=reference,
                        source=answers_from, rows=len(prepared.examples["train"]), obj=obj, cfg=cfg.train,
@@ -579,15 +604,14 @@ def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report
         say(f"tuned model answering {n} {split} {what} ...")
         results, answers = rollout.evaluate(trainee.policy, reference, answers_from, split, n, settings,
                                             cfg.train.seed)
-        if results["kl"] > obj.kl_bound:
-            warnings.append(f"the tuned model's KL to the reference on {split} {what} is {results['kl']:.2f} nats "
-                            f"per answer, above objective.kl_bound {obj.kl_bound}: it may be exploiting the reward; "
-                            + objective.kl_hint(obj))
+        warnings = _rl_warnings(results, trivial, obj, objective.kl_hint(obj), f"{split} {what}")
     trainable, total = counts
     summary = {
         "name": cfg.name,
         **({split: results} if results else {}),
         "base": {split: base} if base else None,
+        **({"baselines": {name: {"about": b["about"], split: {k: v for k, v in b.items() if k != "about"}}
+                          for name, b in trivial.items()}} if trivial else {}),
         "train": trained,
         "params": params_summary(trainable, total),
         "checks": checks_summary(report),
@@ -611,10 +635,7 @@ def _train_rl(run_dir: Path, cfg: RunConfig, tuning, tokenizer, prepared, report
     loop.save_extra(trainee, run_dir)
     write_run(run_dir, tuning, model, tokenizer, summary)
     if results:
-        print(f"\n{split} {what} ({n})  {'start':>10}{'tuned':>10}")
-        for key in results:
-            print(f"{key:<20}{base[key]:>10.4f}{results[key]:>10.4f}")
-        print(f"(kl: nats per answer against the reference; bound {obj.kl_bound})")
+        _print_rl_table(f"{split} {what} ({n})", trivial, base, results, obj.kl_bound)
     for line in warnings:
         print(f"warning: {line}")
     print(f"\nrun saved to {run_dir}")

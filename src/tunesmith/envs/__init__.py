@@ -18,11 +18,14 @@ Episodes are numbered by seed: training draws seeds 0 .. `train_seeds - 1`, eval
 Adding an environment: a module here with a `Config` (a `Section` with `kind: Literal["<name>"]`, extending
 `EnvSection`), `make(cfg) -> Env`, `METRICS` (its outcome names, the success rate first), `SINGLE_TURN` (True when
 an episode is decided by its first observation: training then leaves out the seeds whose question a held-out
-episode asks) and a line in `ENVS`.
+episode asks) and a line in `ENVS`. Optionally `PLAYERS`, scripted players that set the floor a tuned model must
+beat (`{name: (what it does, move(env, rng) -> reply)}`, e.g. nim's random legal mover): they play the same
+held-out episodes, and the run reports them beside the starting and the tuned model.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Annotated, Any, Protocol, Union, runtime_checkable
 
 from pydantic import Field
@@ -81,3 +84,38 @@ def metrics(cfg) -> tuple[str, ...]:
 
 def single_turn(cfg) -> bool:
     return ENVS[cfg.kind].SINGLE_TURN
+
+
+def rates(outcomes: list[dict]) -> dict[str, float]:
+    """Each outcome as total hits / total out-of over the episodes (see `Env.outcome`)."""
+    if not outcomes:
+        return {}
+    return {name: sum(o[name][0] for o in outcomes) / max(sum(o[name][1] for o in outcomes), 1e-9)
+            for name in outcomes[0]}
+
+
+PLAYER_ROUNDS = 20
+"""Plays of every episode by each scripted player, averaged: a random player's score is then its expectation to
+about a point, not one draw's luck."""
+
+
+def baselines(cfg, seeds: list[int]) -> dict[str, dict]:
+    """The environment's scripted players (its module's PLAYERS) on episodes `seeds`: `{name: {"about", "reward",
+    <outcome rates>}}`, the mean reward per episode and the rates over PLAYER_ROUNDS plays of each episode."""
+    out = {}
+    for name, (about, move) in getattr(ENVS[cfg.kind], "PLAYERS", {}).items():
+        returns, outcomes = [], []
+        for round_ in range(PLAYER_ROUNDS):
+            rng = random.Random(round_)
+            for seed in seeds:
+                game, total = make(cfg), 0.0
+                game.reset(seed)
+                for _ in range(cfg.max_turns):
+                    _, reward, done = game.step(move(game, rng))
+                    total += reward
+                    if done:
+                        break
+                returns.append(total)
+                outcomes.append(game.outcome())
+        out[name] = {"about": about, "reward": sum(returns) / max(len(returns), 1), **rates(outcomes)}
+    return out

@@ -106,3 +106,11 @@ class Nim:
 
 def make(cfg: Config) -> Nim:
     return Nim(cfg)
+
+
+def _random_move(game: Nim, rng: random.Random) -> str:
+    return str(rng.randint(1, min(game.cfg.take, game.stones)))
+
+
+# The floor a tuned player must beat: legal moves without a plan (the opponent's own moves stay those of the seed).
+PLAYERS = {"random": ("legal moves at random", _random_move)}

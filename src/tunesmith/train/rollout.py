@@ -128,6 +128,10 @@ class Prompts:
         r = assemble(*single_turn(prompt_ids, [g.ids for g in gens]), _pad_id(self.chat), device)
         return Batch(r, scores, gens)
 
+    def baselines(self, split: str, n: int) -> dict:
+        """Scripted players of the first `n` prompts: none for prompts scored by a reward."""
+        return {}
+
 
 @dataclass
 class Episodes:
@@ -171,6 +175,10 @@ class Episodes:
         return Batch(assemble(seqs, positions, _pad_id(self.chat), device),
                      torch.tensor(returns, dtype=torch.float32, device=device), answers, [g.outcome() for g in games])
 
+    def baselines(self, split: str, n: int) -> dict:
+        """The environment's scripted players on the first `n` episodes of `split` (envs.baselines)."""
+        return envs.baselines(self.env, self.seeds[split][:n])
+
 
 def source(obj, chat, prepared, scorer=None):
     """The objective's source of answers: its environment's episodes, or the prepared prompts and `scorer`."""
@@ -178,14 +186,6 @@ def source(obj, chat, prepared, scorer=None):
     if obj.env is not None:
         return Episodes(chat, obj.env, {s: [e["seed"] for e in ex] for s, ex in prepared.examples.items()}, ids)
     return Prompts(chat, scorer, ids, {s: [p["messages"] for p in ps] for s, ps in prepared.prompts.items()})
-
-
-def outcome_rates(outcomes: list[dict]) -> dict[str, float]:
-    """Each outcome as total hits / total out-of over the episodes (see envs.Env.outcome)."""
-    if not outcomes:
-        return {}
-    return {name: sum(o[name][0] for o in outcomes) / max(sum(o[name][1] for o in outcomes), 1e-9)
-            for name in outcomes[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,4 +206,4 @@ def evaluate(policy, reference, source, split: str, n: int, settings, seed: int)
     answers = batch.answers
     return {"reward": float(batch.scores.mean()), "kl": float(kl.mean()),
             "stop_rate": sum(a.stopped for a in answers) / len(answers),
-            "new_tokens": sum(a.tokens for a in answers) / len(answers), **outcome_rates(batch.outcomes)}, answers
+            "new_tokens": sum(a.tokens for a in answers) / len(answers), **envs.rates(batch.outcomes)}, answers
