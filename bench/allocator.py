@@ -1,15 +1,18 @@
-"""Peak memory and training speed with glibc's default malloc, the fixed mmap threshold the command sets when asked, and jemalloc.
+"""Peak memory and training speed with glibc's default malloc, fixed mmap thresholds, and jemalloc.
 
     python bench/allocator.py [--config examples/X.yaml ...] [--steps 4] [--repeats 2] [--set key=value ...]
                               [--sides SIDE ...] [--thresholds BYTES ...]
 
 For each config, short runs of `tunesmith train CONFIG train.max_steps=--steps` (no evaluation inside the loop, no
 base scoring, forgetting probe or generation) alternate between TUNESMITH_MMAP_THRESHOLD=0 (glibc's default:
-the threshold rises with every large block freed, src/tunesmith/allocator.py) and a 1 MiB fixed threshold
-(TUNESMITH_MMAP_THRESHOLD=1048576, off by default) and, when its library is installed (Debian: libjemalloc2),
-jemalloc preloaded (LD_PRELOAD, glibc's threshold left alone), --repeats times each, every run in a fresh process. Printed per config: the peak RSS of each side (the child's
-ru_maxrss), its training seconds (summary.json's train.train_seconds, the median over repeats), the ratios, and
-the final training loss of both (they must match: the allocator changes where memory lives, not the numbers).
+the threshold rises with every large block freed, src/tunesmith/allocator.py), a 1 MiB fixed threshold
+(TUNESMITH_MMAP_THRESHOLD=1048576; the command's default is 16 MiB, run it with --thresholds 16777216), the same
+with glibc's huge pages, and, when its library is installed (Debian: libjemalloc2), jemalloc preloaded
+(LD_PRELOAD, glibc's threshold left alone), --repeats times each, every run in a fresh process; --sides picks
+among them and --thresholds adds fixed thresholds. Printed per config: the peak RSS of each side (the child's
+ru_maxrss), its training seconds (summary.json's train.train_seconds, the median over repeats), the ratios to
+glibc's default, and the final training loss of each (they must match: the allocator changes where memory lives,
+not the numbers).
 
 Run it on an otherwise idle machine: the time ratio is the price of the page faults of fresh mappings.
 """
@@ -30,7 +33,7 @@ DEFAULT_CONFIGS = ["examples/sft-alpaca-lora.yaml", "examples/sentiment-lora.yam
 JEMALLOC = next((str(p) for p in (Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
                                    Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")) if p.exists()), None)
 SIDES = {"glibc default": {"TUNESMITH_MMAP_THRESHOLD": "0"},  # the environment of each side
-         "fixed threshold": {"TUNESMITH_MMAP_THRESHOLD": str(1 << 20)},
+         "fixed 1 MiB": {"TUNESMITH_MMAP_THRESHOLD": str(1 << 20)},
          # the fixed threshold with glibc's transparent huge pages for its mappings (glibc 2.35+, THP on "madvise"
          # or "always"): one fault per 2 MiB instead of per 4 KiB page
          "fixed, huge pages": {"TUNESMITH_MMAP_THRESHOLD": str(1 << 20), "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},

@@ -47,9 +47,10 @@ def test_a_freed_block_leaves_the_process_only_with_the_threshold_fixed():
 
 def test_threshold_setting(monkeypatch):
     monkeypatch.delenv("TUNESMITH_MMAP_THRESHOLD", raising=False)
-    assert allocator.threshold() == 0 and allocator.fix_mmap_threshold() is False  # off unless asked for
-    monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "0")
+    assert allocator.threshold() == allocator.heap_limit() == 16 << 20  # fixed at 16 MiB unless told otherwise
+    monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "0")  # glibc's own: nothing set, its threshold rises to 32 MiB
     assert allocator.threshold() == 0 and allocator.fix_mmap_threshold() is False
+    assert allocator.heap_limit() == 32 << 20
     monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "4194304")
     assert allocator.threshold() == 4 << 20
     monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "lots")

@@ -173,15 +173,23 @@ def test_plan_total_is_an_estimate_not_an_upper_bound(tmp_path, capsys):
     assert "not an upper bound" in out and "training logits" in out and "runtime" in out
 
 
-def test_plan_counts_the_heap_holes_backward_leaves_unless_the_mmap_threshold_is_fixed(tmp_path, monkeypatch):
-    """glibc's heap keeps a measured share (HEAP_HOLES) of every block's activations resident after backward; with
-    TUNESMITH_MMAP_THRESHOLD each large tensor is its own mapping and the term goes."""
+def test_plan_counts_the_heap_holes_of_the_tensors_under_the_mmap_threshold(tmp_path, monkeypatch):
+    """glibc's heap keeps a measured share (HEAP_HOLES) of the block activations it serves resident after backward;
+    a tensor at or above the mmap threshold is its own mapping and leaves none (allocator.py)."""
     from tunesmith.plan import HEAP_HOLES
 
-    monkeypatch.delenv("TUNESMITH_MMAP_THRESHOLD", raising=False)
+    monkeypatch.delenv("TUNESMITH_MMAP_THRESHOLD", raising=False)  # 16 MiB: every tensor of this tiny run is under
     terms = _tiny_plan(tmp_path, objective__loss_chunk=0)["phases"]["terms"]
     assert terms["heap holes"] == pytest.approx(HEAP_HOLES * (terms["blocks"] + terms["adapters"]))
     ckpt = _tiny_plan(tmp_path, train__gradient_checkpointing="true")["phases"]["terms"]
     assert ckpt["heap holes"] == pytest.approx(terms["heap holes"])  # every block's, checkpointed or not
-    monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "1048576")
+    monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "0")  # glibc's own threshold, rising to 32 MiB: the same
+    assert _tiny_plan(tmp_path, objective__loss_chunk=0)["phases"]["terms"]["heap holes"] == terms["heap holes"]
+    # 4 x 128 tokens: a hidden-wide tensor (64) is 128 KiB, an intermediate-wide one (128) 256 KiB; between the
+    # two, the MLP's 4 intermediate-wide tensors per block are mapped and only the rest leaves holes
+    monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", str(200_000))
+    mid = _tiny_plan(tmp_path, objective__loss_chunk=0)["phases"]["terms"]["heap holes"]
+    mlp = 2 * 4 * 128 * 4 * 128 * 4  # layers x tokens x 4 tensors x 128 wide x 4 bytes
+    assert mid == pytest.approx(HEAP_HOLES * (terms["blocks"] - mlp + terms["adapters"]))
+    monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "65536")  # under both: nothing from the heap
     assert "heap holes" not in _tiny_plan(tmp_path)["phases"]["terms"]

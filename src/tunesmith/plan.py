@@ -94,8 +94,14 @@ def activation_terms(config, *, tokens: int, seq: int, head: str, value_bytes: i
         terms = {"block inputs": d["layers"] * tokens * d["h"] * value_bytes, **per_layer}
     else:
         terms = {k: v * d["layers"] for k, v in per_layer.items()}
-    if allocator.threshold() == 0:  # a fixed mmap threshold maps each large tensor on its own: no holes
-        terms["heap holes"] = HEAP_HOLES * d["layers"] * (per_layer["blocks"] + per_layer["adapters"])
+    # Only tensors under the allocator's mmap threshold come from the heap and leave holes there (allocator.py):
+    # a block's hidden-wide tensors (and the adapters' input copies) and its intermediate-wide ones, by size.
+    limit = allocator.heap_limit()
+    hidden, inter = (tokens * width * value_bytes for width in (d["h"], d["inter"]))
+    in_heap = (tokens * a * d["h"] * value_bytes + per_layer["adapters"]) * (hidden < limit) + \
+        tokens * m * d["inter"] * value_bytes * (inter < limit)
+    if in_heap:
+        terms["heap holes"] = HEAP_HOLES * d["layers"] * in_heap
     if head in ("causal-lm", "masked-lm"):
         kept = min(loss_chunk, tokens) if loss_chunk > 0 else tokens
         terms["logits"] = kept * d["vocab"] * FP32 * LOGIT_COPIES["chunked" if loss_chunk > 0 else "whole"]
