@@ -18,15 +18,16 @@ same chat template. trl 1.16's DPOTrainer has no path for pre-tokenized pairs, s
 stands: its answers also carry the newline the template writes after <|im_end|>, and a sequence still too
 long is cut at the right (tunesmith cuts the prompt first). The table prints each side's answer tokens.
 
-Each tool trains in its own fresh process; train seconds are the optimizer steps only (trl:
-trainer.train(), tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's
-includes its short end-of-run evaluation, without gradients). The final loss is the mean training loss of
-the last 10% of steps (at least one), the mean loss that of every step; each tool's per-step losses are
-printed too (the batches differ: each tool groups pairs by length in its own order). Then each trained adapter is scored in a third fresh process by one
-function of this script, on the first --eval-rows test pairs as tunesmith encodes them: the implicit reward
-margin beta * ((logp_c - ref_c) - (logp_r - ref_r)) of each pair, logp summed over answer tokens, the
-reference being the adapter switched off; accuracy is the share of pairs with a positive margin (a tie
-counts half), test loss the mean sigmoid DPO loss -log sigmoid(margin).
+Each tool trains in its own fresh process; train seconds are the optimizer steps only (trl: trainer.train(),
+tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's process sets glibc's mmap
+threshold as the `tunesmith` command does, trl's keeps its defaults; tunesmith's includes its short end-of-run
+evaluation, without gradients). The final loss is the mean training loss of the last 10% of steps (at least one),
+the mean loss that of every step; each tool's per-step losses are printed too (the batches differ: each tool groups
+pairs by length in its own order). Then each trained adapter is scored in a third fresh process by one function of
+this script, on the first --eval-rows test pairs as tunesmith encodes them: the implicit reward margin beta *
+((logp_c - ref_c) - (logp_r - ref_r)) of each pair, logp summed over answer tokens, the reference being the adapter
+switched off; accuracy is the share of pairs with a positive margin (a tie counts half), test loss the mean sigmoid
+DPO loss -log sigmoid(margin).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from peers import LAST_LOSSES, child  # run as `python bench/dpo_vs_trl.py`: bench/ is on the path
+from peers import AS_THE_COMMAND, LAST_LOSSES, child  # run as `python bench/dpo_vs_trl.py`: bench/ is on the path
 
 BENCH = "dpo_vs_trl.py"
 
@@ -125,7 +126,7 @@ eval: {{compare_base: false, forgetting: {{enabled: false}}}}
 output: {{dir: {out}}}
 """
 
-TUNESMITH = COMMON + textwrap.dedent("""
+TUNESMITH = AS_THE_COMMAND + COMMON + textwrap.dedent("""
     from tunesmith.config import load_config
     from tunesmith.run import train
 

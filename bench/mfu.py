@@ -32,8 +32,8 @@ TRAINING_PASSES = {"all": 3, "frozen": 2, "decode": 1}  # forward passes' worth 
 # (run, model, tokens/s, mean sequence length, weights): tokens/s are real (unpadded) tokens, as measured by the
 # command in the run's name (docs/performance.md and the README have the tables).
 RUNS = [
-    ("sft LoRA, tunesmith (bench/sft_vs_trl.py)", "sample:smollm2-135m-instruct", 79.0, 202, "frozen"),
-    ("sft LoRA, trl SFTTrainer (bench/sft_vs_trl.py)", "sample:smollm2-135m-instruct", 55.2, 202, "frozen"),
+    ("sft LoRA, tunesmith (bench/sft_vs_trl.py, run 1)", "sample:smollm2-135m-instruct", 79.0, 202, "frozen"),
+    ("sft LoRA, trl SFTTrainer (bench/sft_vs_trl.py, run 1)", "sample:smollm2-135m-instruct", 55.2, 202, "frozen"),
     ("dpo LoRA, tunesmith (bench/dpo_vs_trl.py, run 2)", "sample:smollm2-135m-instruct", 0.68 * 238, 119,
      "frozen"),
     ("dpo LoRA, trl DPOTrainer (bench/dpo_vs_trl.py, run 2)", "sample:smollm2-135m-instruct", 0.57 * 238, 119,

@@ -8,6 +8,13 @@ import subprocess
 import sys
 import textwrap
 
+# Put first in tunesmith's side: its allocator set as the `tunesmith` command sets it when it starts (allocator.py;
+# the peer keeps its own process's defaults).
+AS_THE_COMMAND = textwrap.dedent("""
+    from tunesmith.allocator import fix_mmap_threshold
+    fix_mmap_threshold()
+""")
+
 # Pasted into each side's code: the final training loss both tools report, the mean of the last 10% of steps.
 LAST_LOSSES = textwrap.dedent("""
     def last_losses(losses):

@@ -24,11 +24,12 @@ row of all 8 sequences, which without flash attention's varlen kernels, as on th
 block-diagonal mask over the whole row).
 
 Each tool trains in its own fresh process; train seconds are the optimizer steps only (trl: trainer.train(),
-tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's includes its short
-end-of-run test evaluation, without gradients). The final loss is the mean training loss of the last 10% of
-steps (at least one), from each tool's per-step log. Then each trained adapter is scored in a third fresh
-process by one function of this script: mean cross-entropy of the answer tokens of the first --eval-rows
-test rows, same encoding, same code for both.
+tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's process sets glibc's mmap
+threshold as the `tunesmith` command does, trl's keeps its defaults; tunesmith's includes its short end-of-run test
+evaluation, without gradients). The final loss is the mean training loss of the last 10% of steps (at least one),
+from each tool's per-step log. Then each trained adapter is scored in a third fresh process by one function of this
+script: mean cross-entropy of the answer tokens of the first --eval-rows test rows, same encoding, same code for
+both.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from peers import LAST_LOSSES, child  # run as `python bench/sft_vs_trl.py`: bench/ is on the path
+from peers import AS_THE_COMMAND, LAST_LOSSES, child  # run as `python bench/sft_vs_trl.py`: bench/ is on the path
 
 BENCH = "sft_vs_trl.py"
 
@@ -112,7 +113,7 @@ eval: {{compare_base: false, generate: {{prompts: 0}}, forgetting: {{enabled: fa
 output: {{dir: {out}}}
 """
 
-TUNESMITH = COMMON + textwrap.dedent("""
+TUNESMITH = AS_THE_COMMAND + COMMON + textwrap.dedent("""
     from tunesmith.config import load_config
     from tunesmith.run import train
 
