@@ -14,10 +14,10 @@ Measured on SmolLM2-135M, LoRA sft at 8 x 512 tokens with gradient checkpointing
     fixed 4 MiB                         2.42 GiB   x1.33
     fixed 1 MiB                         1.9 GiB    x1.43
 
-16 MiB maps the largest activations (the MLP's, from about 1,400 rows x 1,536 wide) and leaves the many small
-tensors to the heap, where reuse is free: most of the memory back for a few percent of time. Below it memory
-costs time steeply, so it is a setting: TUNESMITH_MMAP_THRESHOLD in bytes (1048576 when memory is what limits a
-run; 0 keeps glibc's own rising threshold). Outside glibc (musl, macOS) there is nothing to set. A library user
+16 MiB maps the largest activations (SmolLM2's 1,536-wide MLP tensors, from 2,731 tokens a batch up) and leaves the
+many small tensors to the heap, where reuse is free: most of the memory back for a few percent of time. Below it
+memory costs time steeply, so it is a setting: TUNESMITH_MMAP_THRESHOLD in bytes (1048576 when memory is what limits
+a run; 0 keeps glibc's own rising threshold). Outside glibc (musl, macOS) there is nothing to set. A library user
 importing tunesmith keeps their process's allocator: only the command sets it.
 """
 

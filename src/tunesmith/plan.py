@@ -98,8 +98,7 @@ def activation_terms(config, *, tokens: int, seq: int, head: str, value_bytes: i
     # a block's hidden-wide tensors (and the adapters' input copies) and its intermediate-wide ones, by size.
     limit = allocator.heap_limit()
     hidden, inter = (tokens * width * value_bytes for width in (d["h"], d["inter"]))
-    in_heap = (tokens * a * d["h"] * value_bytes + per_layer["adapters"]) * (hidden < limit) + \
-        tokens * m * d["inter"] * value_bytes * (inter < limit)
+    in_heap = (a * hidden + per_layer["adapters"]) * (hidden < limit) + m * inter * (inter < limit)
     if in_heap:
         terms["heap holes"] = HEAP_HOLES * d["layers"] * in_heap
     if head in ("causal-lm", "masked-lm"):

@@ -104,18 +104,19 @@ def baselines(cfg, seeds: list[int]) -> dict[str, dict]:
     <outcome rates>}}`, the mean reward per episode and the rates over PLAYER_ROUNDS plays of each episode."""
     out = {}
     for name, (about, move) in getattr(ENVS[cfg.kind], "PLAYERS", {}).items():
-        returns, outcomes = [], []
-        for round_ in range(PLAYER_ROUNDS):
-            rng = random.Random(round_)
-            for seed in seeds:
-                game, total = make(cfg), 0.0
-                game.reset(seed)
-                for _ in range(cfg.max_turns):
-                    _, reward, done = game.step(move(game, rng))
-                    total += reward
-                    if done:
-                        break
-                returns.append(total)
-                outcomes.append(game.outcome())
-        out[name] = {"about": about, "reward": sum(returns) / max(len(returns), 1), **rates(outcomes)}
+        played = [_play(cfg, seed, move, rng) for rng in map(random.Random, range(PLAYER_ROUNDS)) for seed in seeds]
+        out[name] = {"about": about, "reward": sum(r for r, _ in played) / max(len(played), 1),
+                     **rates([o for _, o in played])}
     return out
+
+
+def _play(cfg, seed: int, move, rng: random.Random) -> tuple[float, dict]:
+    """One episode played by a scripted player: its summed reward and its outcome counts."""
+    game, total = make(cfg), 0.0
+    game.reset(seed)
+    for _ in range(cfg.max_turns):
+        _, reward, done = game.step(move(game, rng))
+        total += reward
+        if done:
+            break
+    return total, game.outcome()
