@@ -32,12 +32,19 @@ from plan_vs_measured import measured  # run as `python bench/allocator.py`: ben
 DEFAULT_CONFIGS = ["examples/sft-alpaca-lora.yaml", "examples/sentiment-lora.yaml"]
 JEMALLOC = next((str(p) for p in (Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
                                    Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")) if p.exists()), None)
+TCMALLOC = next((str(p) for p in (Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                                   Path("/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")) if p.exists()), None)
 SIDES = {"glibc default": {"TUNESMITH_MMAP_THRESHOLD": "0"},  # the environment of each side
          "fixed 1 MiB": {"TUNESMITH_MMAP_THRESHOLD": str(1 << 20)},
          # the fixed threshold with glibc's transparent huge pages for its mappings (glibc 2.35+, THP on "madvise"
          # or "always"): one fault per 2 MiB instead of per 4 KiB page
          "fixed, huge pages": {"TUNESMITH_MMAP_THRESHOLD": str(1 << 20), "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-         **({"jemalloc": {"TUNESMITH_MMAP_THRESHOLD": "0", "LD_PRELOAD": JEMALLOC}} if JEMALLOC else {})}
+         **({"jemalloc": {"TUNESMITH_MMAP_THRESHOLD": "0", "LD_PRELOAD": JEMALLOC},
+             # freed pages kept for reuse (never purged): no page faults of fresh memory, jemalloc's size classes
+             # keep fragmentation low
+             "jemalloc, no decay": {"TUNESMITH_MMAP_THRESHOLD": "0", "LD_PRELOAD": JEMALLOC,
+                                    "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}} if JEMALLOC else {}),
+         **({"tcmalloc": {"TUNESMITH_MMAP_THRESHOLD": "0", "LD_PRELOAD": TCMALLOC}} if TCMALLOC else {})}
 
 
 def short_run(steps: int) -> list[str]:

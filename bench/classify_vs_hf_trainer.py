@@ -5,7 +5,8 @@
 Same model (MiniLM-L6 sample), same LoRA (r=8 on query/key/value/dense), same data (the first
 --rows of the rotten-tomatoes sample's train split), batch 32, max_length 64, fp32, one epoch,
 no evaluation or checkpoints during training. Each tool runs in its own process; the script
-prints training throughput, peak memory and test accuracy of both, and the ratios.
+prints training throughput, peak memory and test accuracy of both, and the ratios. tunesmith's process runs on
+the allocator the `tunesmith` command runs on (jemalloc when installed), the Trainer's on its process's own.
 HF Trainer runs twice: with its defaults, and with train_sampling_strategy="group_by_length"
 (tunesmith groups by length by default).
 """
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+
+from peers import AS_THE_COMMAND, command_env  # run as `python bench/classify_vs_hf_trainer.py`: bench/ is on the path
 
 HF = textwrap.dedent("""
     import json, resource, sys, time
@@ -77,7 +80,7 @@ def run_tunesmith(rows: int, epochs: float, tmp: Path) -> dict:
     final evaluation either."""
     cfg = tmp / "bench.yaml"
     cfg.write_text(TUNESMITH.format(rows=rows, epochs=epochs, out=tmp / "runs"))
-    code = textwrap.dedent(f"""
+    code = AS_THE_COMMAND + textwrap.dedent(f"""
         import json, resource
         from tunesmith.config import load_config
         from tunesmith.run import train
@@ -88,7 +91,7 @@ def run_tunesmith(rows: int, epochs: float, tmp: Path) -> dict:
                                      "test_accuracy": summary["test"]["accuracy"],
                                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=command_env())
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
     return json.loads(proc.stdout.split("RESULT", 1)[1])

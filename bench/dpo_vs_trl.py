@@ -19,8 +19,9 @@ stands: its answers also carry the newline the template writes after <|im_end|>,
 long is cut at the right (tunesmith cuts the prompt first). The table prints each side's answer tokens.
 
 Each tool trains in its own fresh process; train seconds are the optimizer steps only (trl: trainer.train(),
-tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's process sets glibc's mmap
-threshold as the `tunesmith` command does, trl's keeps its defaults; tunesmith's includes its short end-of-run
+tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's process runs on the allocator
+the `tunesmith` command runs on: jemalloc when installed, else glibc with its mmap threshold fixed; trl's keeps its
+process's defaults unless --peer-allocator gives it the same; tunesmith's includes its short end-of-run
 evaluation, without gradients). The final loss is the mean training loss of the last 10% of steps (at least one),
 the mean loss that of every step; each tool's per-step losses are printed too (the batches differ: each tool groups
 pairs by length in its own order). Then each trained adapter is scored in a third fresh process by one function of
@@ -40,7 +41,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from peers import AS_THE_COMMAND, LAST_LOSSES, child  # run as `python bench/dpo_vs_trl.py`: bench/ is on the path
+# run as `python bench/dpo_vs_trl.py`: bench/ is on the path
+from peers import AS_THE_COMMAND, LAST_LOSSES, child, command_env
 
 BENCH = "dpo_vs_trl.py"
 
@@ -181,14 +183,16 @@ def run_tunesmith(args, tmp: Path) -> dict:
     cfg = tmp / "bench.yaml"
     cfg.write_text(TUNESMITH_CONFIG.format(rows=args.rows, max_length=args.max_length, out=tmp / "runs",
                                            checkpointing=str(args.gradient_checkpointing).lower()))
-    result = child(BENCH, "tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench")
+    result = child(BENCH, "tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench",
+                   env=command_env())
     return {**result, **child(BENCH, "tunesmith scoring", SCORE, tmp / "runs" / "bench" / "adapter",
                               args.eval_rows, args.max_length)}
 
 
 def run_trl(args, tmp: Path) -> dict:
     out = tmp / "trl"
-    result = child(BENCH, "trl", TRL, args.rows, args.max_length, out, int(args.gradient_checkpointing))
+    result = child(BENCH, "trl", TRL, args.rows, args.max_length, out, int(args.gradient_checkpointing),
+                   env=command_env() if args.peer_allocator else None)
     return {**result, **child(BENCH, "trl scoring", SCORE, out / "adapter", args.eval_rows, args.max_length)}
 
 
@@ -198,11 +202,15 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=30, help="first pairs of the test split scored after training")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (examples/dpo-lora.yaml's)")
+    p.add_argument("--peer-allocator", action="store_true",
+                   help="run trl on the allocator the tunesmith command runs on too (default: its process's own)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results = {"tunesmith": run_tunesmith(args, tmp), "trl DPOTrainer": run_trl(args, tmp)}
+    ours_alloc = command_env().get("LD_PRELOAD", "glibc").split(":")[0].rsplit("/", 1)[-1]
+    print(f"allocators: tunesmith {ours_alloc}, trl {ours_alloc if args.peer_allocator else 'its own (glibc)'}")
     ours, trl = results["tunesmith"], results["trl DPOTrainer"]
     if ours["pairs"] != trl["pairs"] or ours["test_pairs"] != trl["test_pairs"]:
         sys.exit(f"the two tools did not see the same pairs: {ours} vs {trl}")

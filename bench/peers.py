@@ -4,16 +4,24 @@ Python, so its peak memory is its own, and answers on its last output line start
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
-# Put first in tunesmith's side: its allocator set as the `tunesmith` command sets it when it starts (allocator.py;
-# the peer keeps its own process's defaults).
+# tunesmith's side runs on the allocator the `tunesmith` command runs on (allocator.py): started with it preloaded
+# (COMMAND_ENV) when one is installed, else with glibc's threshold fixed (AS_THE_COMMAND, put first in its code).
+# The peer keeps its own process's defaults unless the bench is asked to give it the same (`env=COMMAND_ENV`).
 AS_THE_COMMAND = textwrap.dedent("""
     from tunesmith.allocator import fix_mmap_threshold
     fix_mmap_threshold()
 """)
+
+
+def command_env() -> dict:
+    from tunesmith.allocator import preload_environment
+
+    return preload_environment(dict(os.environ)) or dict(os.environ)
 
 # Pasted into each side's code: the final training loss both tools report, the mean of the last 10% of steps.
 LAST_LOSSES = textwrap.dedent("""
@@ -23,10 +31,10 @@ LAST_LOSSES = textwrap.dedent("""
 """)
 
 
-def child(bench: str, name: str, code: str, *argv) -> dict:
-    """Run `code` in a fresh Python with `argv`; the JSON after its last RESULT is the answer. Any failure stops
-    the whole benchmark (no half table), naming the `bench` script and the side."""
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+def child(bench: str, name: str, code: str, *argv, env: dict | None = None) -> dict:
+    """Run `code` in a fresh Python with `argv` (and `env`, default this process's); the JSON after its last RESULT
+    is the answer. Any failure stops the whole benchmark (no half table), naming the `bench` script and the side."""
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, env=env)
     if proc.returncode != 0 or "RESULT" not in proc.stdout:
         sys.stderr.write(proc.stderr[-4000:])
         sys.exit(f"bench/{bench}: the {name} run failed (exit {proc.returncode}); its stderr is above")

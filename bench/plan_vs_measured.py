@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -44,9 +45,15 @@ def measured(config: str, overrides: list[str], env: dict | None = None) -> floa
 
 
 def planned(config: str, overrides: list[str]) -> float:
+    """The plan for the allocator the measured `tunesmith train` runs on (it may preload one this process lacks)."""
+    from tunesmith import allocator
     from tunesmith.config import load_config
     from tunesmith.plan import plan
 
+    env = allocator.preload_environment(dict(os.environ))
+    name = next((n for n, (lib, _) in allocator.PRELOADS.items() if env and lib in env["LD_PRELOAD"]), None)
+    if name is not None:
+        allocator.active = lambda: name
     return sum(plan(load_config(config, overrides))["memory"].values()) / 2**30
 
 

@@ -24,8 +24,9 @@ row of all 8 sequences, which without flash attention's varlen kernels, as on th
 block-diagonal mask over the whole row).
 
 Each tool trains in its own fresh process; train seconds are the optimizer steps only (trl: trainer.train(),
-tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's process sets glibc's mmap
-threshold as the `tunesmith` command does, trl's keeps its defaults; tunesmith's includes its short end-of-run test
+tunesmith: its loop's own clock), peak memory is that process's ru_maxrss (tunesmith's process runs on the allocator
+the `tunesmith` command runs on: jemalloc when installed, else glibc with its mmap threshold fixed; trl's keeps its
+process's defaults unless --peer-allocator gives it the same; tunesmith's includes its short end-of-run test
 evaluation, without gradients). The final loss is the mean training loss of the last 10% of steps (at least one),
 from each tool's per-step log. Then each trained adapter is scored in a third fresh process by one function of this
 script: mean cross-entropy of the answer tokens of the first --eval-rows test rows, same encoding, same code for
@@ -42,7 +43,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from peers import AS_THE_COMMAND, LAST_LOSSES, child  # run as `python bench/sft_vs_trl.py`: bench/ is on the path
+# run as `python bench/sft_vs_trl.py`: bench/ is on the path
+from peers import AS_THE_COMMAND, LAST_LOSSES, child, command_env
 
 BENCH = "sft_vs_trl.py"
 
@@ -158,7 +160,8 @@ def run_tunesmith(args, tmp: Path) -> dict:
     cfg.write_text(TUNESMITH_CONFIG.format(rows=args.rows, max_length=args.max_length, out=tmp / "runs",
                                            packing=str(args.packing).lower(),
                                            checkpointing=str(args.gradient_checkpointing).lower()))
-    result = child(BENCH, "tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench")
+    result = child(BENCH, "tunesmith", TUNESMITH, cfg, args.rows, args.max_length, tmp / "runs" / "bench",
+                   env=command_env())
     return {**result, **child(BENCH, "tunesmith scoring", SCORE, tmp / "runs" / "bench" / "adapter",
                               args.eval_rows, args.max_length)}
 
@@ -166,7 +169,7 @@ def run_tunesmith(args, tmp: Path) -> dict:
 def run_trl(args, tmp: Path) -> dict:
     out = tmp / "trl"
     result = child(BENCH, "trl", TRL, args.rows, args.max_length, int(args.packing), int(args.gradient_checkpointing),
-                   out)
+                   out, env=command_env() if args.peer_allocator else None)
     return {**result, **child(BENCH, "trl scoring", SCORE, out / "adapter", args.eval_rows, args.max_length)}
 
 
@@ -177,11 +180,15 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--packing", action="store_true", help="pack rows on both sides (default: padded, grouped)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--peer-allocator", action="store_true",
+                   help="run trl on the allocator the tunesmith command runs on too (default: its process's own)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results = {"tunesmith": run_tunesmith(args, tmp), "trl SFTTrainer": run_trl(args, tmp)}
+    ours_alloc = command_env().get("LD_PRELOAD", "glibc").split(":")[0].rsplit("/", 1)[-1]
+    print(f"allocators: tunesmith {ours_alloc}, trl {ours_alloc if args.peer_allocator else 'its own (glibc)'}")
     ours, trl = results["tunesmith"], results["trl SFTTrainer"]
     if ours["tokens"] != trl["tokens"] or ours["test_tokens"] != trl["test_tokens"]:
         sys.exit(f"the two tools did not see the same tokens: {ours} vs {trl}")

@@ -193,3 +193,8 @@ def test_plan_counts_the_heap_holes_of_the_tensors_under_the_mmap_threshold(tmp_
     assert mid == pytest.approx(HEAP_HOLES * (terms["blocks"] - mlp + terms["adapters"]))
     monkeypatch.setenv("TUNESMITH_MMAP_THRESHOLD", "65536")  # under both: nothing from the heap
     assert "heap holes" not in _tiny_plan(tmp_path)["phases"]["terms"]
+    monkeypatch.delenv("TUNESMITH_MMAP_THRESHOLD")
+    from tunesmith import allocator
+
+    monkeypatch.setattr(allocator, "active", lambda: "jemalloc")  # the command on jemalloc: size classes, no holes
+    assert "heap holes" not in _tiny_plan(tmp_path, objective__loss_chunk=0)["phases"]["terms"]

@@ -319,9 +319,12 @@ def manifest(cfg, model_kwargs: dict) -> dict:
         commit = ""
     sections = [cfg.data] + [task.data for task in getattr(cfg.regime, "tasks", None) or []]
     data_refs = list(dict.fromkeys(r for d in sections for r in (d.train, d.validation, d.test) if r))
+    from .allocator import describe
+
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "allocator": describe(),
         "versions": versions,
         "seed": cfg.train.seed,
         "git_commit": commit or None,

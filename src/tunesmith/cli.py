@@ -535,8 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     bad input exits 2 with `error: WHERE: WHAT`, a bug exits 1 naming the log with its traceback."""
     import signal
 
-    from .allocator import fix_mmap_threshold
+    from .allocator import fix_mmap_threshold, preload
 
+    if argv is None:  # run as the command (not called from Python): a better allocator, when installed
+        preload()
     fix_mmap_threshold()  # before any tensor exists, when TUNESMITH_MMAP_THRESHOLD asks (allocator.py)
     quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -241,7 +241,8 @@ def render(result: dict, cfg: RunConfig) -> str:
         ]
     base = "4-bit + fp32" if q else result["dtype"]
     lines.append(f"peak memory estimate (base weights {base}, batch {cfg.train.batch_size} x "
-                 f"{cfg.data.max_length} tokens{', gradient checkpointing' if uses_checkpointing(cfg) else ''}):")
+                 f"{cfg.data.max_length} tokens{', gradient checkpointing' if uses_checkpointing(cfg) else ''}; "
+                 f"allocator {allocator.describe().split(',')[0]}):")
     phases = result["phases"]
     busiest = max((k for k in phases if k != "terms"), key=lambda k: phases[k])
     labels = {"weights": "weights", "gradients": "gradients", "optimizer": "AdamW state",
