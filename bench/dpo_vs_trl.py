@@ -42,7 +42,7 @@ import textwrap
 from pathlib import Path
 
 # run as `python bench/dpo_vs_trl.py`: bench/ is on the path
-from peers import AS_THE_COMMAND, LAST_LOSSES, child, command_env
+from peers import AS_THE_COMMAND, LAST_LOSSES, allocators, child, command_env
 
 BENCH = "dpo_vs_trl.py"
 
@@ -209,8 +209,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results = {"tunesmith": run_tunesmith(args, tmp), "trl DPOTrainer": run_trl(args, tmp)}
-    ours_alloc = command_env().get("LD_PRELOAD", "glibc").split(":")[0].rsplit("/", 1)[-1]
-    print(f"allocators: tunesmith {ours_alloc}, trl {ours_alloc if args.peer_allocator else 'its own (glibc)'}")
+    print(allocators(args.peer_allocator))
     ours, trl = results["tunesmith"], results["trl DPOTrainer"]
     if ours["pairs"] != trl["pairs"] or ours["test_pairs"] != trl["test_pairs"]:
         sys.exit(f"the two tools did not see the same pairs: {ours} vs {trl}")

@@ -10,8 +10,8 @@ import sys
 import textwrap
 
 # tunesmith's side runs on the allocator the `tunesmith` command runs on (allocator.py): started with it preloaded
-# (COMMAND_ENV) when one is installed, else with glibc's threshold fixed (AS_THE_COMMAND, put first in its code).
-# The peer keeps its own process's defaults unless the bench is asked to give it the same (`env=COMMAND_ENV`).
+# (`env=command_env()`) when one is installed, else with glibc's threshold fixed (AS_THE_COMMAND, put first in its
+# code). The peer keeps its own process's defaults unless the bench gives it the same environment.
 AS_THE_COMMAND = textwrap.dedent("""
     from tunesmith.allocator import fix_mmap_threshold
     fix_mmap_threshold()
@@ -22,6 +22,14 @@ def command_env() -> dict:
     from tunesmith.allocator import preload_environment
 
     return preload_environment(dict(os.environ)) or dict(os.environ)
+
+
+def allocators(peer_too: bool) -> str:
+    """Which allocator each side runs on, for the bench's header."""
+    from tunesmith.allocator import for_command
+
+    ours = for_command(dict(os.environ))
+    return f"allocators: tunesmith {ours}, peer {ours if peer_too else 'its process default (glibc)'}"
 
 # Pasted into each side's code: the final training loss both tools report, the mean of the last 10% of steps.
 LAST_LOSSES = textwrap.dedent("""

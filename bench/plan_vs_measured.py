@@ -50,10 +50,8 @@ def planned(config: str, overrides: list[str]) -> float:
     from tunesmith.config import load_config
     from tunesmith.plan import plan
 
-    env = allocator.preload_environment(dict(os.environ))
-    name = next((n for n, (lib, _) in allocator.PRELOADS.items() if env and lib in env["LD_PRELOAD"]), None)
-    if name is not None:
-        allocator.active = lambda: name
+    name = allocator.for_command(dict(os.environ))
+    allocator.active = lambda: name  # plan.py asks which allocator it plans for
     return sum(plan(load_config(config, overrides))["memory"].values()) / 2**30
 
 

@@ -44,7 +44,7 @@ import textwrap
 from pathlib import Path
 
 # run as `python bench/sft_vs_trl.py`: bench/ is on the path
-from peers import AS_THE_COMMAND, LAST_LOSSES, child, command_env
+from peers import AS_THE_COMMAND, LAST_LOSSES, allocators, child, command_env
 
 BENCH = "sft_vs_trl.py"
 
@@ -187,8 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results = {"tunesmith": run_tunesmith(args, tmp), "trl SFTTrainer": run_trl(args, tmp)}
-    ours_alloc = command_env().get("LD_PRELOAD", "glibc").split(":")[0].rsplit("/", 1)[-1]
-    print(f"allocators: tunesmith {ours_alloc}, trl {ours_alloc if args.peer_allocator else 'its own (glibc)'}")
+    print(allocators(args.peer_allocator))
     ours, trl = results["tunesmith"], results["trl SFTTrainer"]
     if ours["tokens"] != trl["tokens"] or ours["test_tokens"] != trl["test_tokens"]:
         sys.exit(f"the two tools did not see the same tokens: {ours} vs {trl}")

@@ -75,9 +75,11 @@ def test_the_command_reruns_itself_with_an_installed_allocator(monkeypatch, tmp_
     monkeypatch.setenv("TUNESMITH_ALLOCATOR", "auto")
     env = allocator.preload_environment({"MALLOC_CONF": "narenas:1"})  # jemalloc first; the user's conf is kept
     assert env["LD_PRELOAD"].endswith("libjemalloc.so.2") and env["MALLOC_CONF"] == "narenas:1"
+    assert allocator.for_command({}) == "jemalloc"
     assert allocator.preload_environment({allocator._MARK: ""}) is None  # the re-run itself: never again
     monkeypatch.setattr(allocator, "active", lambda: "jemalloc")
     assert allocator.preload_environment({}) is None and allocator.heap_limit() == 0  # no glibc heap holes
+    assert allocator.for_command({}) == "jemalloc"  # already on it: children started from here stay on it
 
 
 def test_the_rerun_process_puts_ld_preload_back(monkeypatch):
@@ -92,7 +94,7 @@ def test_the_rerun_process_puts_ld_preload_back(monkeypatch):
 
 
 @pytest.mark.skipif(not any(allocator.library(n) for n in allocator.PRELOADS), reason="no jemalloc or tcmalloc")
-def test_the_command_runs_on_the_installed_allocator(tmp_path):
+def test_the_command_runs_on_the_installed_allocator():
     first = next(n for n in allocator.PRELOADS if allocator.library(n))
     env = {k: v for k, v in os.environ.items() if k not in ("TUNESMITH_ALLOCATOR", "LD_PRELOAD")}
     env["PYTHONPATH"] = SRC

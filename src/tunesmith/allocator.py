@@ -120,19 +120,28 @@ def library(name: str) -> Path | None:
     return next((Path(d) / lib for d in LIBRARY_DIRS if (Path(d) / lib).exists()), None)
 
 
-def preload_environment(environ: dict) -> dict | None:
-    """The environment to run the command again in with a preloaded allocator, or None: glibc asked for, not Linux,
-    already running on one, or none installed."""
+def chosen(environ: dict) -> str | None:
+    """The allocator the command, started with `environ`, runs itself again on; None when glibc is asked for, off
+    Linux, already on one, in the re-run itself, or when none is installed."""
     choice = wanted()
     if choice == "glibc" or not sys.platform.startswith("linux") or active() != "glibc" or _MARK in environ:
         return None
-    for name in ((choice,) if choice != "auto" else tuple(PRELOADS)):
-        path = library(name)
-        if path is not None:
-            before = environ.get("LD_PRELOAD", "")
-            return {**PRELOADS[name][1], **environ, _MARK: before,
-                    "LD_PRELOAD": f"{path}:{before}" if before else str(path)}
-    return None
+    return next((n for n in ((choice,) if choice != "auto" else tuple(PRELOADS)) if library(n) is not None), None)
+
+
+def for_command(environ: dict) -> str:
+    """The allocator a `tunesmith` command started from this process with `environ` ends up on."""
+    return chosen(environ) or active()
+
+
+def preload_environment(environ: dict) -> dict | None:
+    """`environ` for running the command again on the `chosen` allocator, or None when there is none."""
+    name = chosen(environ)
+    if name is None:
+        return None
+    before = environ.get("LD_PRELOAD", "")
+    path = library(name)
+    return {**PRELOADS[name][1], **environ, _MARK: before, "LD_PRELOAD": f"{path}:{before}" if before else str(path)}
 
 
 def preload() -> None:

@@ -28,6 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import allocator
 from .errors import TunesmithError
 
 SUMMARY, STATUS, CONFIG, MANIFEST = "summary.json", "status.json", "config.yaml", "manifest.json"
@@ -319,12 +320,10 @@ def manifest(cfg, model_kwargs: dict) -> dict:
         commit = ""
     sections = [cfg.data] + [task.data for task in getattr(cfg.regime, "tasks", None) or []]
     data_refs = list(dict.fromkeys(r for d in sections for r in (d.train, d.validation, d.test) if r))
-    from .allocator import describe
-
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "allocator": describe(),
+        "allocator": allocator.describe(),
         "versions": versions,
         "seed": cfg.train.seed,
         "git_commit": commit or None,
