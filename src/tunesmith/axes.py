@@ -138,9 +138,10 @@ class TuningHooks(Protocol):
         run already trains the least, or the most). Default: []."""
 
     def speed_up(self, cfg, model) -> str | None:
-        """Make training this tuned model faster without changing a single result (freeze: the frozen part's
-        outputs computed once per example and looked up after). Called once, on the tuned model before base
-        scoring; returns a line for the log, or None. Default: nothing."""
+        """Make training this tuned model faster without changing its results beyond float rounding (freeze: the
+        frozen part's outputs computed once per example and looked up after; lora: the adapter's product added into
+        the base output in place). Called once, on the tuned model before base scoring; returns a line for the
+        log, or None. Default: nothing."""
 
     def speed_up_done(self, cfg, model) -> str | None:
         """Called once after the last evaluation, before the weights are written: keep what `speed_up` built for

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from ..axes import Change
 from ..schema import Section
+from . import fused_lora
 from . import targets as targeting
 from .common import check_head, head_to_train, wrap
 
@@ -70,6 +71,12 @@ def peft_config(model, cfg: LowRank, head: str, **extra):
 
 def apply(model, cfg: Config, head: str, tokenizer=None):
     return wrap(model, peft_config(model, cfg, head), head)
+
+
+def speed_up(cfg: Config, model) -> str | None:
+    """The adapter's product added into the base layer's output in place (tuning/fused_lora.py)."""
+    n = fused_lora.fuse(model)
+    return f"lora: adapter products added into the base outputs in place ({n} layers)" if n else None
 
 
 def advice(cfg: LowRank, symptom: str, head: str) -> list[Change]:
