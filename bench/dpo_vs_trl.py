@@ -3,8 +3,9 @@
     python bench/dpo_vs_trl.py [--rows 128] [--eval-rows 30] [--max-length 128] [--gradient-checkpointing]
 
 The settings of examples/dpo-lora.yaml on both sides, except gradient checkpointing (off on both sides unless
---gradient-checkpointing turns it on on both, as the example does): SmolLM2-135M-Instruct sample, LoRA r=16, alpha 32,
-dropout 0.05 on all linear layers, sigmoid DPO loss with beta 0.1, the reference being the same model with the
+--gradient-checkpointing turns it on on both, as the example does): SmolLM2-135M-Instruct sample, LoRA r=16, alpha 32
+on all linear layers, no dropout (both tools' default for dpo: trl's disable_dropout=True, tunesmith's
+objective.dropout: false), sigmoid DPO loss with beta 0.1, the reference being the same model with the
 adapter switched off and its log-probs precomputed once before training (tunesmith: precompute_ref: true;
 trl: precompute_ref_log_probs=True; on both sides outside the timed training), batch 8 pairs, lr 5e-4 with
 linear decay after 10% warmup, max grad norm 1, fp32 on the CPU, one epoch over the first --rows pairs of the
@@ -96,7 +97,7 @@ TRL = COMMON + textwrap.dedent("""
                      eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
                      seed=0, dataloader_num_workers=0)
     trainer = GroupedDPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                                peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
+                                peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
                                                        target_modules="all-linear"))
     start = time.perf_counter()
     trainer.train()
@@ -120,7 +121,7 @@ data:
   max_length: {max_length}
   max_rows: {{train: {rows}, validation: 8, test: 8}}
   checks: {{leakage: {{exact: warn, near: "off"}}, duplicates: "off"}}   # never change the rows
-tuning: {{kind: lora, r: 16, alpha: 32, dropout: 0.05, targets: all-linear}}
+tuning: {{kind: lora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}}
 objective: {{kind: dpo, beta: 0.1, precompute_ref: true}}
 train: {{epochs: 1, batch_size: 8, lr: 5.0e-4, warmup: 0.1, eval_every: 1000000, log_every: 1,
          gradient_checkpointing: {checkpointing}, early_stopping: {{enabled: false}}}}

@@ -197,6 +197,34 @@ def test_full_tuning_without_precomputed_reference_is_refused(tiny_llama, prefer
     assert "no adapter to switch off" in capsys.readouterr().err
 
 
+def test_dpo_trains_without_dropout_unless_asked(tiny_llama):
+    """As trl's DPOTrainer (disable_dropout=True): the policy's log-probs are then those the reference was computed
+    with at the start. `objective.dropout: true` keeps it."""
+    from tunesmith.models.dropout import swap_dropout
+    from tunesmith.objectives import dpo
+
+    model, _ = _tuned_llama(tiny_llama, {"kind": "lora", "r": 4, "dropout": 0.1})
+    swap_dropout(model)
+    assert "dropout off in" in dpo.prepare_model(model, dpo.Config(dropout=False))
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    kept, _ = _tuned_llama(tiny_llama, {"kind": "lora", "r": 4, "dropout": 0.1})
+    assert dpo.prepare_model(kept, dpo.Config(dropout=True)) is None
+    assert any(m.p == 0.1 for m in kept.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_overfit_dpo_is_not_told_to_raise_a_dropout_it_does_not_use(tmp_path):
+    from tunesmith.config import RunConfig
+    from tunesmith.evaluate.advice import overfitting
+
+    def keys(objective):
+        cfg = RunConfig.model_validate({"name": "t", "model": "m", "data": {"train": "-"},
+                                        "tuning": {"kind": "lora", "r": 16}, "objective": objective})
+        return [c.key for c in overfitting(cfg)]
+
+    assert "tuning.r" in keys({"kind": "dpo"}) and "tuning.dropout" not in keys({"kind": "dpo"})
+    assert "tuning.dropout" in keys({"kind": "dpo", "dropout": True})
+
+
 def _tuned_llama(path, tuning: dict):
     """The tiny llama as a run builds it, with its tuning applied and the adapter moved off its zero start."""
     from transformers import AutoTokenizer

@@ -216,6 +216,10 @@ class ObjectiveHooks(Protocol):
         """Rules that span axes, at config validation (e.g. dpo without a precomputed reference needs a tuning
         that does not train the base). Raise `ValueError`."""
 
+    def prepare_model(self, model, cfg) -> str | None:
+        """Adjust the tuned model before anything runs on it (dpo: dropout off, as trl); a line for the log, or
+        None."""
+
     def make_splits(self, cfg, data) -> dict | None:
         """Rows the objective makes itself instead of reading `data` ({split: data.sources.Split}: an RL objective
         playing an environment, one row per episode seed), or None to read `data` as usual."""

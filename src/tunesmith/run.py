@@ -365,6 +365,8 @@ def build_model(flow: Flow, dtype: torch.dtype):
     swap_dropout(model)  # the same dropout, drawn at a fraction of torch's cost on a CPU (models/dropout.py)
     if hasattr(flow.tuning, "speed_up") and (said := flow.tuning.speed_up(cfg.tuning, model)):
         flow.say(said)
+    if hasattr(objective, "prepare_model") and (said := objective.prepare_model(model, cfg.objective)):
+        flow.say(said)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)

@@ -43,7 +43,10 @@ def _method(cfg, registry: dict, section: str, symptom: Symptom) -> list[Change]
     """The tuning's or regime's own changes for the symptom (their `advice` hook); [] without one."""
     part = getattr(cfg, section, None)
     hook = getattr(registry.get(getattr(part, "kind", None)), "advice", None)
-    return list(hook(part, symptom, _head(cfg))) if hook else []
+    changes = list(hook(part, symptom, _head(cfg))) if hook else []
+    if getattr(getattr(cfg, "objective", None), "dropout", None) is False:  # it trains without dropout (dpo)
+        changes = [c for c in changes if c.key != "tuning.dropout"]
+    return changes
 
 
 def lower_lr(cfg, factor: float = 2) -> list[Change]:

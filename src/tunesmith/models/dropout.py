@@ -70,6 +70,17 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p)
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set p = 0 in every dropout layer of `model` (peft's adapter dropout included; as trl's
+    `disable_dropout_in_model`); returns how many had p > 0."""
+    turned_off = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            turned_off += 1
+    return turned_off
+
+
 def swap_dropout(model: nn.Module) -> int:
     """Replace every nn.Dropout layer of `model` (peft's adapter dropout included) by `Dropout`, same p; returns
     how many were replaced. Other dropout kinds (2-d, alpha) and dropout inside attention kernels stay."""

@@ -57,6 +57,7 @@ from pydantic import Field, model_validator
 from ..data.batches import eval_batches
 from ..data.collate import IGNORE_INDEX, collate
 from ..errors import TunesmithError
+from ..models.dropout import disable_dropout
 from ..progress import bar
 from ..schema import Section
 from .common import Loss, Prepared
@@ -123,6 +124,10 @@ class Config(Section):
     """Chat template (as in sft): the tokenizer's own, or a fallback. Saved with the tuned tokenizer."""
     system: Optional[str] = None
     """System message put first in every conversation that has none."""
+    dropout: bool = False
+    """Keep the model's and the adapter's dropout while training. Off by default, as in trl: with dropout the
+    policy's log-probs are noisy copies of the ones the reference was computed with (the starting model without
+    dropout), so the implicit rewards carry that noise and a pair's margin is not 0 at the start."""
     loss_chunk: int = Field(LOSS_CHUNK, ge=0)
     """Answer tokens whose vocabulary-wide logits exist at a time: the output layer and the loss run over them
     chunk by chunk, recomputed in the backward pass, so a batch's logits are never all held (objectives/lm.py);
@@ -150,6 +155,15 @@ def check(run_cfg, methods) -> None:
         raise ValueError(f"objective.precompute_ref: false needs a reference model, and tuning {run_cfg.tuning.kind!r} "
                          "trains the base weights, so there is no adapter to switch off; tunesmith does not keep "
                          "a frozen copy (twice the memory): leave precompute_ref null or set it true")
+
+
+def prepare_model(model, cfg: Config) -> str | None:
+    """Dropout off (`dropout: false`, the default): every dropout layer's p set to 0."""
+    if cfg.dropout:
+        return None
+    n = disable_dropout(model)
+    return (f"dpo: dropout off in {n} layers (objective.dropout: false; tuning.dropout does not apply)"
+            if n else None)
 
 
 def prepare(splits, tokenizer, cfg: Config, data) -> Prepared:
