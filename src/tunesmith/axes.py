@@ -216,6 +216,10 @@ class ObjectiveHooks(Protocol):
         """Rules that span axes, at config validation (e.g. dpo without a precomputed reference needs a tuning
         that does not train the base). Raise `ValueError`."""
 
+    def example_length(self, example: dict, cfg) -> int:
+        """The positions an example takes in a batch, by which training batches group examples of similar
+        length (dpo: a pair's two answers and its prompt once). Default: its `input_ids` length."""
+
     def prepare_model(self, model, cfg) -> str | None:
         """Adjust the tuned model before anything runs on it (dpo: dropout off, as trl); a line for the log, or
         None."""

@@ -60,6 +60,7 @@ from ..errors import TunesmithError
 from ..models.dropout import disable_dropout
 from ..progress import bar
 from ..schema import Section
+from . import shared_prompt
 from .common import Loss, Prepared
 from .lm import LOSS_CHUNK, causal_lm_forward
 from .pairs import prepare_pairs
@@ -157,6 +158,14 @@ def check(run_cfg, methods) -> None:
                          "a frozen copy (twice the memory): leave precompute_ref null or set it true")
 
 
+def example_length(example: dict, cfg: Config) -> int:
+    """An example's positions in a batch: both sequences, the prompt once (objectives/shared_prompt.py)."""
+    second = SECOND[LOSSES[cfg.loss].unpaired]
+    if f"{second}input_ids" not in example:
+        return len(example["input_ids"])
+    return shared_prompt.row_length(example, second)
+
+
 def prepare_model(model, cfg: Config) -> str | None:
     """Dropout off (`dropout: false`, the default): every dropout layer's p set to 0."""
     if cfg.dropout:
@@ -184,7 +193,11 @@ def sequence_logps(model, batch, chunk: int = LOSS_CHUNK, second: str = "rejecte
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp first, logp second, answer tokens first, answer tokens second): log-probs summed over the answer
     tokens of an example's two sequences (a pair: chosen and `rejected_`; kto: the answer and its `kl_` answer),
-    from one forward over both, their logits `chunk` answer tokens at a time."""
+    from one forward over both, their logits `chunk` answer tokens at a time. The prompt runs once where the
+    model allows it (objectives/shared_prompt.py), else both sequences run padded to one width."""
+    shared = shared_prompt.logps(model, batch, chunk, second)
+    if shared is not None:
+        return shared
     width = max(batch["input_ids"].size(1), batch[f"{second}input_ids"].size(1))
     ids = torch.cat([_pad_to(batch["input_ids"], width, 0), _pad_to(batch[f"{second}input_ids"], width, 0)])
     mask = torch.cat([_pad_to(batch["attention_mask"], width, 0), _pad_to(batch[f"{second}attention_mask"], width, 0)])

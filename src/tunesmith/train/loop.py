@@ -186,7 +186,8 @@ def _setup(model, objective, obj_cfg, train_examples, val_examples, cfg, pad_id,
            penalty, batches=None) -> Fit:
     """Batches per epoch and total steps, the optimizer and schedule, the state (fresh or resumed)."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    lengths = [len(e["input_ids"]) for e in train_examples]
+    length = getattr(objective, "example_length", None)
+    lengths = [length(e, obj_cfg) if length else len(e["input_ids"]) for e in train_examples]
     epoch_batches = batches or (lambda epoch: train_batches(lengths, cfg.batch_size, cfg.seed, epoch,
                                                             cfg.group_by_length))
     micro_per_epoch = len(shard(epoch_batches(0), rank, world))
