@@ -7,6 +7,7 @@ so `PeftModel.from_pretrained(base, run/adapter)` loads it anywhere, and it fold
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field
@@ -105,9 +106,11 @@ def trainable_count(base, cfg: LowRank, head_params: int, magnitude: bool = Fals
 def activation_values(model, cfg: LowRank) -> float:
     """Values per token that the adapters keep for backward, over all layers (for `tunesmith plan`): each
     adapted module's low-rank input (r values) and, in training mode with dropout > 0, a dropped copy of the
-    module's input plus its one-byte mask (1.25 values of 4 bytes per input feature, counted in fp32 terms)."""
+    module's input plus the dropped positions (models/dropout.py: -ln(1 - p) 8-byte indices per input feature,
+    2 values of 4 bytes each, counted in fp32 terms)."""
+    kept = 1 + 2 * -math.log1p(-cfg.dropout)
     values = 0.0
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "in_features") and module.lora_A:
-            values += cfg.r + (1.25 * module.in_features if cfg.dropout > 0 else 0)
+            values += cfg.r + (kept * module.in_features if cfg.dropout > 0 else 0)
     return values
