@@ -290,6 +290,19 @@ def test_shared_prompt_rows_give_the_two_sequence_log_probs_and_gradients(attent
         torch.testing.assert_close(grad, separate_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_training_batches_group_pairs_by_their_shared_row_length(tiny_llama):
+    """dpo's `example_length` (what the loop groups training batches by) is the positions of the pair's one row:
+    both sequences with the prompt counted once."""
+    from tunesmith.objectives import dpo
+
+    _, tok = _tuned_llama(tiny_llama, {"kind": "lora", "r": 4})
+    examples, batch = _pair_batch(tok, n=5)
+    lay = shared_prompt.layout(batch, "rejected_")
+    rows = (lay.segments >= 0).sum(1).tolist()
+    assert [dpo.example_length(e, dpo.Config()) for e in examples] == rows
+    assert all(r < len(e["input_ids"]) + len(e["rejected_input_ids"]) for r, e in zip(rows, examples))
+
+
 def test_shared_prompt_is_not_used_where_it_cannot_be(tiny_llama):
     """Prompt tuning prepends virtual tokens (a custom mask would not cover them); a batch where an example's two
     sequences share no prompt token has no row layout."""

@@ -67,7 +67,7 @@ class Dropout(nn.Dropout):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True, self.inplace)
-        return dropout(x, self.p)
+        return dropout(x, self.p)  # never in place: backward needs only the dropped positions, not x
 
 
 def disable_dropout(model: nn.Module) -> int:
