@@ -165,3 +165,47 @@ def test_growing_cache_layer_holds_what_dynamic_layer_holds_and_copies_only_when
     plain.keys, plain.values = plain.keys[[1]], plain.values[[1]]
     k, v = torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)
     assert all(torch.equal(g, w) for g, w in zip(grow.update(k, v), plain.update(k, v)))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_packed_output_projection_gives_the_same_logits_and_is_removed_after(llama, monkeypatch):
+    """Decoding on a CPU multiplies by the output projection through a oneDNN-packed copy of its weight: the same
+    logits to float rounding, the same greedy tokens, and the head is as it was once decoding ends."""
+    from contextlib import nullcontext
+
+    from tunesmith.evaluate import decoding
+    from tunesmith.models.packed_head import packed_output
+
+    model, tokenizer = llama
+    head = model.get_output_embeddings()
+    ids = torch.tensor(prompts(tokenizer, n=1, seed=5))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with packed_output(model, 3):
+            assert "forward" in head.__dict__  # the packed path is the one taken
+            packed = model(ids).logits
+        assert "forward" not in head.__dict__ and not hasattr(head, "_packed_weight")
+        assert torch.equal(model(ids).logits, plain)
+    assert torch.allclose(packed, plain, atol=1e-5) and not torch.equal(packed, torch.zeros_like(packed))
+    with packed_output(model, 3):  # gradients enabled: the packed kernel has no backward, so it is not used
+        assert "forward" not in head.__dict__
+    ps = prompts(tokenizer, seed=1)
+    settings = GenerateConfig(max_new_tokens=10, batch_size=3)
+    stop = [tokenizer.eos_token_id]
+    with_packed = decoding.decode(model, ps, settings, stop, tokenizer.pad_token_id)
+    monkeypatch.setattr(decoding, "packed_output", lambda model, rows: nullcontext())
+    assert decoding.decode(model, ps, settings, stop, tokenizer.pad_token_id) == with_packed
+
+
+def test_packed_output_projection_leaves_an_adapted_head_alone(llama):
+    """A head that is not a plain nn.Linear (here LoRA on the output projection) runs as it is."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.models.packed_head import packed_output
+
+    model = get_peft_model(copy.deepcopy(llama[0]), LoraConfig(r=2, target_modules=["lm_head"]))
+    head = model.get_output_embeddings()
+    with torch.no_grad(), packed_output(model, 3):
+        assert "forward" not in head.__dict__ and not hasattr(head, "_packed_weight")

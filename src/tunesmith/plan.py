@@ -122,13 +122,15 @@ def forward_bytes(config, *, tokens: int, seq: int, head: str, value_bytes: int,
 
 def generation_bytes(config, *, batch: int, prompt: int, new_tokens: int, value_bytes: int, gated: bool) -> float:
     """Peak of generating `new_tokens` after `prompt`-token prompts, `batch` at a time: the key/value cache
-    (2 x layers x kv heads x head_dim per token) at full length, plus the prompt's forward pass."""
+    (2 x layers x kv heads x head_dim per token) at full length, plus the prompt's forward pass, plus in fp32 the
+    packed copy of the output projection that decoding on a CPU multiplies through (models/packed_head.py)."""
     d = _dims(config)
     if not d["h"] or not d["layers"]:
         return 0.0
     cache = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * batch * (prompt + new_tokens) * value_bytes
     prefill = forward_bytes(config, tokens=batch * prompt, seq=prompt, head="", value_bytes=value_bytes, gated=gated)
-    return cache + prefill
+    packed_head = d["vocab"] * d["h"] * FP32 if value_bytes == FP32 else 0
+    return cache + prefill + packed_head
 
 
 def memory(*, trainable: int, frozen: int, frozen_bytes: int, packed: dict | None, activations: float) -> dict:

@@ -28,6 +28,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from ..models.packed_head import packed_output
+
 
 def supports_fast_path(model) -> bool:
     """Whether `decode` can drive this model (else `plain_decode` runs it through model.generate)."""
@@ -202,7 +204,13 @@ def decode(model, prompts: list[list[int]], settings, stop_ids: list[int], pad: 
     `streamer` (one prompt only) receives the prompt and then each token as it is generated.
     `stopping` (transformers stopping criteria) is asked after each token, as model.generate asks it, with
     each row's own prompt and answer so far (no padding): True ends that row there.
-    `on_done(i)` is called as each prompt finishes (progress)."""
+    `on_done(i)` is called as each prompt finishes (progress).
+    On a CPU the output projection multiplies through a packed copy of its weight (models/packed_head.py)."""
+    with packed_output(model, settings.batch_size):
+        return _decode(model, prompts, settings, stop_ids, pad, seed, order, streamer, stopping, on_done)
+
+
+def _decode(model, prompts, settings, stop_ids, pad, seed, order, streamer, stopping, on_done):
     device = next(model.parameters()).device
     order = list(range(len(prompts))) if order is None else list(order)
     process = processors(model, settings)
