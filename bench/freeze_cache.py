@@ -13,7 +13,8 @@ validation pass after each, tuned scores. Three runs:
   rerun at another lr would be): no example runs the body at all.
 
 Prints the runs' times (training alone, and the whole run), the ratios to the uncached run, and the metrics
-side by side: the cache must change the time, not the numbers. The disk runs use a temporary
+side by side: the cache must change the time, not the numbers. Then the frozen part's passes over examples with
+and without the cache (from the cached run's log): their ratio bounds what the in-memory cache can gain in one run. The disk runs use a temporary
 TUNESMITH_HOME/feature-cache (samples are still read from the real one).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,7 +64,9 @@ def run(name: str, cache: str, args, tmp: Path) -> dict:
     if proc.returncode != 0:
         sys.exit(f"the {name} run failed:\n{proc.stderr[-3000:] or proc.stdout[-3000:]}")
     summary = json.loads((tmp / "runs" / name / "summary.json").read_text())
-    return {"process_seconds": seconds, "run_seconds": summary["wall_seconds"],
+    passes = re.search(r"frozen part ran on ([\d,]+) examples and ([\d,]+) passes", proc.stdout + proc.stderr)
+    return {"passes": tuple(int(n.replace(",", "")) for n in passes.groups()) if passes else None,
+            "process_seconds": seconds, "run_seconds": summary["wall_seconds"],
             "train_seconds": summary["train"]["train_seconds"], "test": summary["test"],
             "validation": summary.get("validation", {}), "peak_memory_mb": summary["peak_memory_mb"]}
 
@@ -96,6 +100,11 @@ def main() -> None:
             same &= all(abs(value - o) <= 1e-4 for o in others)
             print(f"{split + ' ' + metric:<22}{value:>17.4f}" + "".join(f"{o:>17.4f}" for o in others))
     print("metrics identical (to 1e-4): " + ("yes" if same else "NO"))
+    if runs["cache"]["passes"]:
+        ran, read = runs["cache"]["passes"]
+        print(f"\nthe frozen part's passes over examples, whole run: {ran + read:,} without the cache, {ran:,} with it "
+              f"in memory (every example once), 0 from disk. Even if the frozen part were all of a run's time, "
+              f"the in-memory cache could not be more than x{(ran + read) / ran:.2f} faster over the whole run.")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_cached_training_equals_uncached(in_tmp, tiny_bert, sentiment_dir, capsy
     assert changed  # the head trained in both (a run that trains nothing would also "match")
 
 
-def test_frozen_blocks_run_once_per_distinct_example(in_tmp, tiny_bert, sentiment_dir, monkeypatch):
+def test_frozen_blocks_run_once_per_distinct_example(in_tmp, tiny_bert, sentiment_dir, monkeypatch, capsys):
     rows, caches = [], []
     real = freeze.speed_up
 
@@ -82,6 +82,10 @@ def test_frozen_blocks_run_once_per_distinct_example(in_tmp, tiny_bert, sentimen
     assert sum(rows) == cache.computed == len(cache) <= len(distinct)
     assert len(cache) >= len(distinct) - 5  # texts that tokenize alike share a row
     assert cache.looked_up >= 2 * 192 + 4 * 48
+    # the run says what the cache saved: the passes run and read (together, the uncached run's passes)
+    assert cache.ran == sum(rows)
+    assert (f"the frozen part ran on {cache.ran:,} examples and {cache.looked_up:,} passes read its stored outputs"
+            in capsys.readouterr().out)
 
 
 def test_resume_with_the_cache_matches_an_uninterrupted_run(in_tmp, tiny_bert, sentiment_dir):

@@ -58,6 +58,8 @@ class FeatureCache:
         """Rows the frozen blocks computed and stored (once per distinct example)."""
         self.looked_up = 0
         """Rows served from the cache."""
+        self.ran = 0
+        """Rows the frozen blocks ran on (the computed ones, and known rows in a batch with an unknown one)."""
         self.tuple_output = False
         """The blocks return (hidden, ...) rather than a tensor (seen when the first rows were stored)."""
 
@@ -145,6 +147,7 @@ class FeatureCache:
 
     def store(self, hidden: torch.Tensor) -> None:
         keys, lengths, _ = self.batch
+        self.ran += len(keys)
         for r, (key, n) in enumerate(zip(keys, lengths.tolist())):
             if key not in self.rows:
                 self.rows[key] = hidden[r, :n].detach().clone()

@@ -139,8 +139,13 @@ def speed_up(cfg: Config, model) -> str | None:
 
 
 def speed_up_done(cfg: Config, model) -> str | None:
-    """After training: `cache_features: disk` writes the rows this run added for the next run."""
+    """After the run: what the cache saved (the frozen part's passes run and read), and with `cache_features: disk`
+    the rows this run added, written for the next run."""
     cache = getattr(model, "feature_cache", None)
-    if cache is None or not cache.save():
+    if cache is None:
         return None
-    return f"feature cache: {len(cache):,} examples' outputs ({cache.nbytes() / 2**20:,.0f} MiB) written to {cache.path}"
+    said = (f"feature cache: the frozen part ran on {cache.ran:,} examples and {cache.looked_up:,} passes read "
+            f"its stored outputs (without the cache it would have run {cache.ran + cache.looked_up:,} times)")
+    if cache.save():
+        said += f"; {len(cache):,} examples' outputs ({cache.nbytes() / 2**20:,.0f} MiB) written to {cache.path}"
+    return said
