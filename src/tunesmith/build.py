@@ -12,6 +12,7 @@ import torch
 
 from . import artifacts
 from .errors import ConfigError, TunesmithError
+from .models.anatomy import unwrap
 from .models.load import build_config, build_on_meta, check_architecture, load_model, resolve
 from .objectives import OBJECTIVES
 from .objectives.rewards import RewardConfig, import_function
@@ -94,7 +95,7 @@ def enable_gradient_checkpointing(model) -> None:
 
 def _checkpointable(model):
     """The transformers model inside (a peft wrapper's base), if it supports gradient checkpointing."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing",
                           where="train.gradient_checkpointing", hint="set it to false")

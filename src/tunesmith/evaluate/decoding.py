@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from ..models.anatomy import unwrap
 from ..models.packed_head import packed_output
 
 
@@ -73,7 +74,7 @@ def _top_k(model) -> int | None:
 
 
 def _keeps_last_logits(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 

@@ -30,7 +30,7 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
     Tied weights (an LM head sharing the embedding matrix) are returned once, as the shared tensor.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     prefix = getattr(inner, "base_model_prefix", "")
     body = getattr(inner, prefix, None) if prefix else None
     if body is None or body is inner:
@@ -62,8 +62,10 @@ def _is_tied_output(model: nn.Module, p: nn.Parameter) -> bool:
     return out is not None and getattr(out, "weight", None) is p
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper, if any."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside its wrappers, if any: a DistributedDataParallel's module, a peft model's base."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -71,7 +73,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def head_modules(model: nn.Module) -> list[str]:
     """Names of the top-level modules outside the pretrained body: the task head (`classifier`, `score`,
     `pre_classifier`, `lm_head`, ...). Read from structure, so a meta-device model answers too."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     prefix = getattr(inner, "base_model_prefix", "")
     if not prefix or getattr(inner, prefix, None) is None:
         return []

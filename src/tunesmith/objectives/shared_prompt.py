@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.collate import IGNORE_INDEX
+from ..models.anatomy import unwrap
 from .lm import chunked_losses, head_run
 
 _MASKS = ("sdpa", "eager")
@@ -120,17 +121,12 @@ def attention_mask(segments: torch.Tensor, eager: bool, dtype: torch.dtype) -> t
     return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, torch.finfo(dtype).min)
 
 
-def _inner(model):
-    inner = getattr(model, "module", model)  # under DDP
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def _implementation(model) -> str | None:
-    return getattr(getattr(_inner(model), "config", None), "_attn_implementation", None)
+    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
 
 
 def _inputs(model, lay: Layout) -> dict:
-    dtype = _inner(model).get_input_embeddings().weight.dtype
+    dtype = unwrap(model).get_input_embeddings().weight.dtype
     mask = attention_mask(lay.segments, _implementation(model) == "eager", dtype)
     return {"input_ids": lay.ids, "attention_mask": mask, "position_ids": lay.positions, "use_cache": False}
 
@@ -154,7 +150,7 @@ def _same_as_separate(model) -> bool:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    vocab = _inner(model).get_input_embeddings().weight.shape[0]
+    vocab = unwrap(model).get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     prompt, first, second = (torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 2, 3))
     a, b = prompt + first, prompt + second
