@@ -300,6 +300,28 @@ def test_adapters_leave_earlier_tasks_bit_identical(in_tmp, tiny_bert, task_dirs
     assert not torch.equal(rounds[1][0][1], rounds[0][0][1])  # the adapter did train
 
 
+def test_freeze_sequence_with_the_feature_cache_scores_as_without(in_tmp, tiny_bert, task_dirs, capsys):
+    """A task sequence with head-only freeze tuning gets the feature cache (one frozen body for every task): the
+    same scores after every task as the uncached run, and its log says so."""
+    from tunesmith.config import load_config
+    from tunesmith.run import train
+
+    path = continual_config(in_tmp / "c.yaml", tiny_bert, task_dirs, tuning="{kind: freeze}",
+                            train="{max_steps: 16, batch_size: 16, lr: 5.0e-2, eval_every: 8, log_every: 2, seed: 0}")
+    cached = train(load_config(path))["continual"]
+    assert "feature cache: the outputs of the embeddings" in capsys.readouterr().out
+    plain = train(load_config(path, ["name=plain", "tuning.cache_features=false"]))["continual"]
+    assert "feature cache" not in capsys.readouterr().out
+    assert cached["R"] == [pytest.approx(row, abs=1e-5) for row in plain["R"]] and cached["base"] == plain["base"]
+    for task in ("senti", "topic", "flip"):  # every logged step of every task: losses, gradient norms, validations
+        logs = [[{k: v for k, v in json.loads(line).items() if k != "examples_per_s"}
+                 for line in (in_tmp / "runs" / name / "tasks" / task / "metrics.jsonl").read_text().splitlines()]
+                for name in ("seq", "plain")]
+        assert len(logs[0]) == len(logs[1]) > 2
+        assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(*logs))
+        assert logs[0][0]["grad_norm"] > 0 and logs[0][0]["loss"] != logs[0][-2]["loss"]  # the head trained
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from tunesmith.train import checkpoint

@@ -13,6 +13,7 @@ import torch
 from . import artifacts
 from .errors import ConfigError, TunesmithError
 from .models.anatomy import unwrap
+from .models.dropout import swap_dropout
 from .models.load import build_config, build_on_meta, check_architecture, load_model, resolve
 from .objectives import OBJECTIVES
 from .objectives.rewards import RewardConfig, import_function
@@ -84,6 +85,17 @@ def check_before_loading(cfg, model_kwargs: dict) -> None:
         _checkpointable(model)
     with torch.device("meta"):
         tuning.apply(model, cfg.tuning, head)
+
+
+def apply_tuning(model, tuning, cfg, head: str, tokenizer, say):
+    """`tuning` (a tuning module) applied to `model` as `cfg.tuning` says, then what makes the tuned model cheaper to
+    train with the same numbers: the CPU dropout (models/dropout.py) and the tuning's own `speed_up` (LoRA's fused
+    products, freeze's feature cache), whose line goes to `say`."""
+    model = tuning.apply(model, cfg.tuning, head, tokenizer)
+    swap_dropout(model)
+    if hasattr(tuning, "speed_up") and (said := tuning.speed_up(cfg.tuning, model)):
+        say(said)
+    return model
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -28,7 +28,8 @@ from transformers import set_seed
 
 from . import artifacts, distilling, envs, scorers
 from .axes import metric_directions
-from .build import check_before_loading, enable_gradient_checkpointing, load_base, precision_and_dtype
+from .build import (apply_tuning, check_before_loading, enable_gradient_checkpointing, load_base,
+                    precision_and_dtype)
 from .config import RunConfig, dump
 from .data.batches import train_batches
 from .data.checks import Report, check_card, check_rows, raise_for_errors
@@ -38,7 +39,6 @@ from .evaluate.compare import side_by_side, write_report
 from .evaluate.diagnose import diagnose, read_history, update_size
 from .evaluate.generation import Generation, evaluate_generation
 from .evaluate.score import evaluate
-from .models.dropout import swap_dropout
 from .models.load import load_tokenizer
 from .models.params import count_parameters, format_parameters
 from .objectives import OBJECTIVES
@@ -361,10 +361,7 @@ def build_model(flow: Flow, dtype: torch.dtype):
         tokenizer.chat_template = chat.template  # saved with the weights: inference renders as training did
     set_seed(cfg.train.seed)
     model = load_base(cfg, objective.HEAD, flow.prepared.model_kwargs, dtype, tokenizer.pad_token_id)
-    model = flow.tuning.apply(model, cfg.tuning, objective.HEAD, tokenizer)
-    swap_dropout(model)  # the same dropout, drawn at a fraction of torch's cost on a CPU (models/dropout.py)
-    if hasattr(flow.tuning, "speed_up") and (said := flow.tuning.speed_up(cfg.tuning, model)):
-        flow.say(said)
+    model = apply_tuning(model, flow.tuning, cfg, objective.HEAD, tokenizer, flow.say)
     if hasattr(objective, "prepare_model") and (said := objective.prepare_model(model, cfg.objective)):
         flow.say(said)
     if cfg.train.gradient_checkpointing:

@@ -39,7 +39,7 @@ from ..regimes.tasks import load_task_splits
 from ..train.checkpoint import load_trainable, trainable_state
 from ..train.loop import fit
 from ..tuning import TUNINGS
-from ..build import check_before_loading, load_base
+from ..build import apply_tuning, check_before_loading, load_base
 from ..report import trackers
 from .common import finish, one_process, open_run_dir
 
@@ -148,7 +148,7 @@ def _run(run_dir, cfg, tasks, kwargs, slices, head, tokenizer, accelerator, resu
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     set_seed(cfg.train.seed)
     model = load_base(cfg, head, kwargs, torch.float32, pad_id)
-    model = TUNINGS[cfg.tuning.kind].apply(model, cfg.tuning, head, tokenizer).to(device)
+    model = apply_tuning(model, TUNINGS[cfg.tuning.kind], cfg, head, tokenizer, print).to(device)
     slices.attach(logits_layer(model, slices.total))
     trainable, total = count_parameters(model)
     print(format_parameters(trainable, total))
