@@ -59,6 +59,28 @@ def test_greedy_tokens_are_model_generates(llama, penalty):
     assert batched == expected
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_a_shared_prompt_prefix_runs_once_and_gives_the_same_tokens(llama, monkeypatch, penalty):
+    """Prompts that start alike (a chat template's system prompt): the shared tokens run once, in a forward of
+    their own, and every row starts from their keys and values; each row's tokens are still model.generate's on
+    that prompt alone."""
+    from tunesmith.evaluate import decoding
+
+    model, tokenizer = llama
+    first_word = len(tokenizer.all_special_ids)
+    shared = list(range(first_word, first_word + 10))
+    ps = [shared + rest for rest in prompts(tokenizer, n=7, seed=2)]
+    settings = GenerateConfig(max_new_tokens=12, batch_size=3, repetition_penalty=penalty)
+    stop = [alone(model, ps[2], settings, [tokenizer.eos_token_id])[3], tokenizer.eos_token_id]
+    expected = [alone(model, p, settings, stop) for p in ps]
+    assert any(len(e) < 12 for e in expected)
+    shapes, real = [], decoding._forward
+    monkeypatch.setattr(decoding, "_forward", lambda m, ids, *a: shapes.append(tuple(ids.shape)) or real(m, ids, *a))
+    assert decoding.decode(model, ps, settings, stop, tokenizer.pad_token_id) == expected
+    assert shapes[0] == (1, 10)  # the prefix, once
+    assert shapes[1][1] == max(len(p) for p in ps[:3]) - 10  # the first rows run only what follows it
+
+
 def test_stopping_criteria_see_each_rows_own_tokens(llama):
     """Stopping criteria (a server's stop strings, a cancelled request) are asked after each token with the row's
     prompt and answer, no padding: a row ends where model.generate on its prompt alone ends it."""

@@ -133,12 +133,13 @@ class _Batch:
         self.history, self.mask, self.logits = self.history[index], self.mask[index], self.logits[index]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[index], layer.values[index]
-        # Columns no remaining row attends to (left padding) are cut, so attention stays as short as the rows.
-        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
-        if unused:
-            self.mask = self.mask[:, unused:]
+        # Columns no remaining row attends to (padding) are cut, so attention stays as short as the rows.
+        used = self.mask.bool().any(0)
+        if not bool(used.all()):
+            columns = used.nonzero().squeeze(1)
+            self.mask = self.mask[:, columns]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+                layer.keys, layer.values = layer.keys[..., columns, :], layer.values[..., columns, :]
 
     def join(self, other: "_Batch") -> None:
         """Add `other`'s rows, left-padding the shorter cache (and history) to the longer one."""
@@ -184,13 +185,47 @@ def _forward(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, 
     return out.logits[:, -1, :].float()
 
 
+_MIN_PREFIX = 8
+"""Fewer shared first tokens than this are not worth a forward of their own."""
+_HOLES = ("sdpa", "eager")
+"""Attention implementations that take a 2-d mask with zeros between a row's tokens (the prefix layout below)."""
+
+
+def _shared_prefix(model, prompts: list[list[int]], device, last_only: bool) -> tuple[int, list]:
+    """The first tokens every prompt shares (a chat template's system prompt and role header), run once:
+    (their count, [(keys, values) of each layer, batch 1]); (0, []) when fewer than `_MIN_PREFIX` are shared.
+
+    Each prompt keeps at least its last token to run itself (its logits start the answer). A causal model's keys
+    and values at these positions depend on these tokens alone, so every row can start from the same ones."""
+    implementation = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+    if len(prompts) < 2 or implementation not in _HOLES:
+        return 0, []
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((k for k in range(n) if p[k] != first[k]), n)
+    if n < _MIN_PREFIX:
+        return 0, []
+    cache = DynamicCache()
+    ids = torch.tensor([first[:n]], device=device)
+    _forward(model, ids, torch.ones_like(ids), cache, last_only)
+    return n, [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def _prefill(model, prompts: list[list[int]], rows: list[int], pad: int, device, last_only: bool,
-             headroom: int) -> _Batch:
-    width = max(len(prompts[i]) for i in rows)
-    ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows], device=device)
-    history = torch.tensor([[prompts[i][0]] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
-    cache = _cache(headroom)
+             headroom: int, prefix: tuple[int, list] = (0, [])) -> _Batch:
+    """Run the entering rows' prompts into a new cache. With a shared prefix of n tokens, the cache starts from
+    its keys and values and only the rest of each prompt runs, left-padded after the prefix:
+    [prefix | padding | rest], the padding masked out and left out of the positions (they count mask ones)."""
+    n, states = prefix
+    width = max(len(prompts[i]) for i in rows) - n
+    ids = torch.tensor([[pad] * (width + n - len(prompts[i])) + prompts[i][n:] for i in rows], device=device)
+    mask = torch.tensor([[1] * n + [0] * (width + n - len(prompts[i])) + [1] * (len(prompts[i]) - n) for i in rows],
+                        device=device)
+    history = torch.tensor([[prompts[i][0]] * (width + n - len(prompts[i])) + prompts[i] for i in rows],
+                           device=device)
+    cache = _cache(headroom + width)
+    for layer, (keys, values) in enumerate(states):
+        cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
     logits = _forward(model, ids, mask, cache, last_only)
     return _Batch(list(rows), history, mask, cache, logits)
 
@@ -223,6 +258,7 @@ def _decode(model, prompts, settings, stop_ids, pad, seed, order, streamer, stop
     refill_at = max(1, settings.batch_size // 4)
     out: list[list[int] | None] = [None] * len(prompts)
     waiting = order[::-1]
+    prefix = _shared_prefix(model, [prompts[i] for i in order], device, last_only)
     batch: _Batch | None = None
     if streamer is not None:
         streamer.put(torch.tensor([prompts[order[0]]]))
@@ -230,7 +266,7 @@ def _decode(model, prompts, settings, stop_ids, pad, seed, order, streamer, stop
         free = settings.batch_size - (len(batch.rows) if batch is not None else 0)
         if waiting and (batch is None or free >= min(refill_at, len(waiting))):
             entering = [waiting.pop() for _ in range(min(free, len(waiting)))]
-            joined = _prefill(model, prompts, entering, pad, device, last_only, settings.max_new_tokens)
+            joined = _prefill(model, prompts, entering, pad, device, last_only, settings.max_new_tokens, prefix)
             if batch is None:
                 batch = joined
             else:
