@@ -211,6 +211,13 @@ def test_packed_output_projection_gives_the_same_logits_and_is_removed_after(lla
     assert torch.allclose(packed, plain, atol=1e-5) and not torch.equal(packed, torch.zeros_like(packed))
     with packed_output(model, 3):  # gradients enabled: the packed kernel has no backward, so it is not used
         assert "forward" not in head.__dict__
+    with torch.no_grad():  # overlapping decodings (the server's threads) share one copy; the last one out drops it
+        with packed_output(model, 3):
+            packed_weight = head._packed_weight
+            with packed_output(model, 3):
+                assert head._packed_weight is packed_weight
+            assert "forward" in head.__dict__ and torch.allclose(model(ids).logits, plain, atol=1e-5)
+        assert "forward" not in head.__dict__ and not hasattr(head, "_packed_weight")
     ps = prompts(tokenizer, seed=1)
     settings = GenerateConfig(max_new_tokens=10, batch_size=3)
     stop = [tokenizer.eos_token_id]

@@ -17,11 +17,16 @@ as it is.
 
 from __future__ import annotations
 
+import threading
 import types
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+_LOCK = threading.Lock()
+"""Decodings may overlap on one model (the server's worker threads): they share one packed copy, made by the first
+and dropped by the last."""
 
 
 def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,29 +38,42 @@ def _packable(head) -> bool:
             and torch.backends.mkldnn.is_available() and not torch.is_grad_enabled())
 
 
+def _enter(head, rows: int) -> bool:
+    """Count one more user of the packed path, packing the weight for the first; False if it cannot be packed."""
+    with _LOCK:
+        if "_packed_users" in head.__dict__:
+            head._packed_users += 1
+            return True
+        if "forward" in head.__dict__:  # someone else's forward on this instance: left as it is
+            return False
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), max(1, rows))
+        except (AttributeError, RuntimeError):  # an op this torch build lacks: the plain matmul
+            return False
+        head._packed_weight, head._packed_users = packed, 1
+        head.forward = types.MethodType(_packed_forward, head)
+        return True
+
+
+def _exit(head) -> None:
+    with _LOCK:
+        head._packed_users -= 1
+        if not head._packed_users:
+            del head.forward, head._packed_weight, head._packed_users
+
+
 @contextmanager
 def packed_output(model: nn.Module, rows: int):
     """Within the block, `model`'s output projection multiplies through a packed copy of its weight (laid out for
     about `rows` rows at a time); outside it, as before. Inference only: the packed path has no gradient, so it
-    is not taken while gradients are enabled."""
+    is not taken while gradients are enabled. The copy is made when the block is entered: weights changed inside
+    it (none are, while decoding) would not be seen."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
-    if head is None or not _packable(head):
+    if head is None or not _packable(head) or not _enter(head, rows):
         yield
         return
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), max(1, rows))
-    except (AttributeError, RuntimeError):  # an op this torch build lacks: the plain matmul
-        yield
-        return
-    before = head.__dict__.get("forward")
-    head._packed_weight = packed
-    head.forward = types.MethodType(_packed_forward, head)
     try:
         yield
     finally:
-        if before is None:
-            del head.forward
-        else:
-            head.forward = before
-        del head._packed_weight
+        _exit(head)
