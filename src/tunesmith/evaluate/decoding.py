@@ -4,7 +4,8 @@
 (as padding) and the batch cannot take new prompts until all of its rows are done. Here a batch is a set of
 *slots*: a row leaves the batch (and its KV cache) as soon as it produces a stop token or reaches
 `max_new_tokens`, and waiting prompts are prefilled and joined to the running batch in its place. Rows of
-different lengths share one left-padded cache; padding columns that no row uses any more are cut off.
+different lengths share one left-padded cache; padding columns that no row uses any more are cut off. Prompts
+that start alike (a chat template's system prompt) run those tokens once and start every row's cache from them.
 
 The tokens are those of `model.generate` on each prompt alone, with the same processors (repetition penalty
 over the row's own prompt and answer, temperature, top-k as generate takes it, top-p): a
