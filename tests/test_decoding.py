@@ -238,3 +238,17 @@ def test_packed_output_projection_leaves_an_adapted_head_alone(llama):
     head = model.get_output_embeddings()
     with torch.no_grad(), packed_output(model, 3):
         assert "forward" not in head.__dict__ and not hasattr(head, "_packed_weight")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_packed_output_projection_is_skipped_when_memory_is_short(llama, monkeypatch):
+    """The copy must fit in a quarter of the memory still available, else the head runs as it is."""
+    from tunesmith.models import packed_head
+
+    model = llama[0]
+    head = model.get_output_embeddings()
+    size = head.weight.numel() * 4
+    for available, packed in ((4 * size, True), (4 * size - 1, False), (None, True)):
+        monkeypatch.setattr(packed_head, "_available_bytes", lambda: available)
+        with torch.no_grad(), packed_head.packed_output(model, 3):
+            assert ("forward" in head.__dict__) is packed

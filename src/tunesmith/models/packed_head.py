@@ -33,9 +33,26 @@ def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
 
 
+def _available_bytes() -> int | None:
+    """Memory the system can still hand out (Linux's MemAvailable), or None where it cannot be read cheaply."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _packable(head) -> bool:
-    return (type(head) is nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and not torch.is_grad_enabled())
+    """A plain fp32 linear on the CPU, no gradient wanted, and its copy fits easily: a quarter of the available
+    memory at most (a large vocabulary's copy is a GiB; a speed-up must not be what runs a laptop out of memory)."""
+    if not (type(head) is nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and not torch.is_grad_enabled()):
+        return False
+    available = _available_bytes()
+    return available is None or head.weight.numel() * 4 <= available // 4
 
 
 def _enter(head, rows: int) -> bool:
