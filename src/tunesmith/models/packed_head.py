@@ -10,9 +10,10 @@ docs/performance.md, Generation).
 
 The copy lives only while `packed_output` is open and costs one more output matrix (113 MB for SmolLM2-135M's
 49,152 x 576 in fp32). Logits equal torch's to float rounding (another order of summation), as
-another batch size would give. Where the packed kernel is not available (a torch built without oneDNN, a weight
-that is not fp32 on the CPU, a head that is not a plain `nn.Linear`, such as a LoRA-adapted one) the head runs
-as it is.
+another batch size would give (checked on two random rows when the copy is made). Where the packed kernel is not
+available or does not agree (a torch built without oneDNN, a weight that is not fp32 on the CPU, a head that is
+not a plain `nn.Linear`, such as a LoRA-adapted one, a copy larger than a quarter of the available memory) the
+head runs as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import types
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _LOCK = threading.Lock()
@@ -65,7 +67,14 @@ def _enter(head, rows: int) -> bool:
             return False
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), max(1, rows))
-        except (AttributeError, RuntimeError):  # an op this torch build lacks: the plain matmul
+            # checked once on two random rows: a build or platform whose kernel fails or differs keeps the matmul
+            x = torch.randn(2, head.in_features, generator=torch.Generator().manual_seed(0))  # not the run's RNG
+            plain = F.linear(x, head.weight, head.bias)
+            ok = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, head.bias, "none", [], ""), plain,
+                                rtol=1e-3, atol=1e-3 * float(plain.abs().max()))
+        except (AttributeError, RuntimeError, NotImplementedError):  # an op this torch build lacks
+            return False
+        if not ok:
             return False
         head._packed_weight, head._packed_users = packed, 1
         head.forward = types.MethodType(_packed_forward, head)
