@@ -144,8 +144,9 @@ class TuningHooks(Protocol):
         log, or None. Default: nothing."""
 
     def speed_up_done(self, cfg, model) -> str | None:
-        """Called once after the last evaluation, before the weights are written: keep what `speed_up` built for
-        later runs (freeze with `cache_features: disk`: the feature cache's file). A line for the log, or None."""
+        """Called once after the last evaluation, before the weights are written: say what `speed_up` saved and
+        keep what it built for later runs (freeze: the frozen part's passes run and read; with `cache_features:
+        disk`, the feature cache's file). A line for the log, or None."""
 
     def save(self, run_dir: Path, model, tokenizer) -> str:
         """Write the trained weights into the run folder; return the folder's name. Default: `artifacts.save_weights`
