@@ -221,6 +221,10 @@ class ObjectiveHooks(Protocol):
         """The positions an example takes in a batch, by which training batches group examples of similar
         length (dpo: a pair's two answers and its prompt once). Default: its `input_ids` length."""
 
+    def overrides(self, cfg) -> set[str]:
+        """Config keys of other sections that this objective's settings make inert (dpo without dropout:
+        `tuning.dropout`); advice never proposes changing them. Default: none."""
+
     def prepare_model(self, model, cfg) -> str | None:
         """Adjust the tuned model before anything runs on it (dpo: dropout off, as trl); a line for the log, or
         None."""

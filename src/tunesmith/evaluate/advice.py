@@ -40,13 +40,14 @@ def _head(cfg) -> str | None:
 
 
 def _method(cfg, registry: dict, section: str, symptom: Symptom) -> list[Change]:
-    """The tuning's or regime's own changes for the symptom (their `advice` hook); [] without one."""
+    """The tuning's or regime's own changes for the symptom (their `advice` hook); [] without one. Keys the
+    objective sets aside (its `overrides` hook: dpo's dropout) are never proposed: changing them changes nothing."""
     part = getattr(cfg, section, None)
     hook = getattr(registry.get(getattr(part, "kind", None)), "advice", None)
-    changes = list(hook(part, symptom, _head(cfg))) if hook else []
-    if getattr(getattr(cfg, "objective", None), "dropout", None) is False:  # it trains without dropout (dpo)
-        changes = [c for c in changes if c.key != "tuning.dropout"]
-    return changes
+    objective_cfg = getattr(cfg, "objective", None)
+    overrides = getattr(OBJECTIVES.get(getattr(objective_cfg, "kind", None)), "overrides", None)
+    ignored = overrides(objective_cfg) if overrides else set()
+    return [c for c in (hook(part, symptom, _head(cfg)) if hook else []) if c.key not in ignored]
 
 
 def lower_lr(cfg, factor: float = 2) -> list[Change]:

@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from ..models.anatomy import unwrap
+from ..models.anatomy import MASKABLE_ATTENTION, attention_implementation, unwrap
 from ..models.packed_head import packed_output
 
 
@@ -188,8 +188,6 @@ def _forward(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, 
 
 _MIN_PREFIX = 8
 """Fewer shared first tokens than this are not worth a forward of their own."""
-_HOLES = ("sdpa", "eager")
-"""Attention implementations that take a 2-d mask with zeros between a row's tokens (the prefix layout below)."""
 
 
 def _shared_prefix(model, prompts: list[list[int]], device, last_only: bool) -> tuple[int, list]:
@@ -198,8 +196,7 @@ def _shared_prefix(model, prompts: list[list[int]], device, last_only: bool) -> 
 
     Each prompt keeps at least its last token to run itself (its logits start the answer). A causal model's keys
     and values at these positions depend on these tokens alone, so every row can start from the same ones."""
-    implementation = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
-    if len(prompts) < 2 or implementation not in _HOLES:
+    if len(prompts) < 2 or attention_implementation(model) not in MASKABLE_ATTENTION:  # the layout leaves holes
         return 0, []
     first, n = prompts[0], min(len(p) for p in prompts) - 1
     for p in prompts[1:]:

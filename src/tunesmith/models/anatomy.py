@@ -62,6 +62,16 @@ def _is_tied_output(model: nn.Module, p: nn.Parameter) -> bool:
     return out is not None and getattr(out, "weight", None) is p
 
 
+MASKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that apply an attention mask as given, whatever its pattern: a 4-D mask, or a 2-D one
+with zeros between a row's tokens (transformers' masking utilities pass both through)."""
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention kernel transformers runs the model with (`config._attn_implementation`), or None."""
+    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside its wrappers, if any: a DistributedDataParallel's module, a peft model's base."""
     if isinstance(model, nn.parallel.DistributedDataParallel):

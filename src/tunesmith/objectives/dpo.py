@@ -166,6 +166,11 @@ def example_length(example: dict, cfg: Config) -> int:
     return shared_prompt.row_length(example, second)
 
 
+def overrides(cfg: Config) -> set[str]:
+    """Config keys that change nothing here: the adapter's dropout while `dropout` is off."""
+    return set() if cfg.dropout else {"tuning.dropout"}
+
+
 def prepare_model(model, cfg: Config) -> str | None:
     """Dropout off (`dropout: false`, the default): every dropout layer's p set to 0."""
     if cfg.dropout:

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data.collate import IGNORE_INDEX
-from ..models.anatomy import unwrap
+from ..models.anatomy import MASKABLE_ATTENTION, attention_implementation, unwrap
 from .lm import chunked_losses, head_run
 
-_MASKS = ("sdpa", "eager")
-"""Attention implementations that take a [batch, 1, query, key] mask as given (transformers' masking utils)."""
 _SUPPORTED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -121,13 +119,9 @@ def attention_mask(segments: torch.Tensor, eager: bool, dtype: torch.dtype) -> t
     return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, torch.finfo(dtype).min)
 
 
-def _implementation(model) -> str | None:
-    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
-
-
 def _inputs(model, lay: Layout) -> dict:
     dtype = unwrap(model).get_input_embeddings().weight.dtype
-    mask = attention_mask(lay.segments, _implementation(model) == "eager", dtype)
+    mask = attention_mask(lay.segments, attention_implementation(model) == "eager", dtype)
     return {"input_ids": lay.ids, "attention_mask": mask, "position_ids": lay.positions, "use_cache": False}
 
 
@@ -138,7 +132,7 @@ def supported(model) -> bool:
         return _SUPPORTED[model]
     inner = getattr(model, "module", model)
     config = getattr(inner, "active_peft_config", None)
-    ok = _implementation(model) in _MASKS and not getattr(config, "is_prompt_learning", False)
+    ok = attention_implementation(model) in MASKABLE_ATTENTION and not getattr(config, "is_prompt_learning", False)
     if ok:
         ok = _same_as_separate(model)
     _SUPPORTED[model] = ok
